@@ -1,0 +1,104 @@
+"""The `harness` command: train a model definition on every rank the launcher started."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import List, Optional
+
+from harness.errors import HarnessError
+
+USAGE_EPILOG = """\
+launch:
+  harness ./model_def                       one process
+  horovodrun -np 2 harness ./model_def      two ranks (Gloo or MPI)
+  mpirun -np 2 harness ./model_def          two ranks under Open MPI
+
+exit status: 0 success, 2 bad input (model definition, config, data), 1 any other failure.
+Set HARNESS_TRACEBACK=1 to see full tracebacks.
+"""
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="harness",
+        description="Train a PEDL-style PyTorchTrial model definition with data-parallel Horovod.",
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model_def", help="model definition directory (holding model_def.py)")
+    p.add_argument(
+        "--config", help="experiment config YAML (default: experiment.yaml or const.yaml in model_def)"
+    )
+    p.add_argument("--output", default="output", help="output directory (default: ./output)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imports here so that `harness --help` is instant and argument errors need no torch.
+    from harness import config as config_mod
+    from harness import definition, distributed, loop
+
+    model_dir = args.model_def
+    if not os.path.exists(model_dir):
+        raise HarnessError(f"model definition directory {os.path.abspath(model_dir)} does not exist")
+    config_dir = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
+    cfg = config_mod.load_config(config_mod.find_config_file(config_dir, args.config))
+    model_def = definition.load(model_dir, cfg.entrypoint)
+
+    backend = distributed.init()
+    distributed.set_threads(backend)
+    loop.train(model_def, cfg, args.output, backend)
+    backend.shutdown()
+    return 0
+
+
+def _fail(message: str, code: int, consequential: bool) -> None:
+    """Print one line and exit at once, without Python's (or Horovod's) exit handlers.
+
+    Errors in set-up are the same on every rank: rank 0 reports and the launcher stops the others, which
+    wait a moment first so that the job shows one line, not N. An error that is a consequence of another
+    rank's death (a broken collective) waits too, so the root cause is what the user sees.
+    """
+    from harness.distributed import env_rank
+
+    rank = env_rank()
+    if rank != 0 or consequential:
+        time.sleep(2.0 if not consequential else 4.0)
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    print(f"harness: error: {prefix}{message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    name = type(e).__name__
+    return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    show_tb = os.environ.get("HARNESS_TRACEBACK") == "1"
+    try:
+        return run(args)
+    except HarnessError as e:
+        if show_tb:
+            traceback.print_exc()
+        _fail(str(e), HarnessError.exit_code, consequential=False)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, consequential=False)
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything; report it in one line
+        if show_tb:
+            traceback.print_exc()
+        from harness.definition import user_frame
+
+        where = user_frame(e.__traceback__, os.path.abspath(args.model_def))
+        _fail(f"{type(e).__name__}: {e}" + (f" (at {where})" if where else ""), 1, _is_collective_failure(e))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Data loading: the DataLoader drop-in, sharding across ranks, and batch conversion to the device."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from harness.errors import HarnessError
+
+
+class DataLoader(tud.DataLoader):
+    """A drop-in replacement for ``torch.utils.data.DataLoader`` (same arguments).
+
+    The harness rebuilds every loader that ``make_data_loaders`` returns around its dataset, collate_fn,
+    workers etc., with a sampler that shards the data across ranks. This class only remembers whether the
+    user asked for shuffling; a plain torch DataLoader works too.
+    """
+
+    def __init__(
+        self, dataset: Any, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None, **kwargs: Any
+    ):
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+        self.harness_shuffle = bool(shuffle)
+
+
+class ShardSampler(tud.Sampler):
+    """Validation sharding with no padding: rank r takes records r, r+size, ... exactly once."""
+
+    def __init__(self, length: int, rank: int, size: int):
+        self.indices = range(rank, length, size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _loader_kwargs(loader: tud.DataLoader) -> dict:
+    """The user's loader settings that carry over to the rebuilt loader."""
+    kw = dict(
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+    )
+    if loader.num_workers > 0:
+        kw["prefetch_factor"] = loader.prefetch_factor
+    return kw
+
+
+def _check_loader(loader: Any, which: str) -> tud.DataLoader:
+    if not isinstance(loader, tud.DataLoader):
+        raise HarnessError(
+            f"make_data_loaders() returned a {type(loader).__name__} as the {which} loader; "
+            "expected a harness.DataLoader or torch.utils.data.DataLoader"
+        )
+    if isinstance(loader.dataset, tud.IterableDataset):
+        raise HarnessError(
+            f"the {which} loader wraps an IterableDataset, which cannot be sharded across ranks"
+        )
+    sampler = loader.sampler
+    if not isinstance(sampler, (tud.SequentialSampler, tud.RandomSampler)):
+        raise HarnessError(
+            f"the {which} loader has a custom sampler ({type(sampler).__name__}); "
+            "the harness shards the data itself, remove the sampler"
+        )
+    if loader.batch_size is None:
+        raise HarnessError(f"the {which} loader has batch_size=None; the harness batches the data itself")
+    return loader
+
+
+def shard_training_loader(
+    loader: Any, per_rank_batch: int, rank: int, size: int, seed: int
+) -> Tuple[tud.DataLoader, tud.DistributedSampler]:
+    """Rebuild the training loader with a DistributedSampler and the per-rank batch size."""
+    loader = _check_loader(loader, "training")
+    shuffle = getattr(loader, "harness_shuffle", isinstance(loader.sampler, tud.RandomSampler))
+    sampler = tud.DistributedSampler(loader.dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed)
+    rebuilt = tud.DataLoader(
+        loader.dataset,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        **_loader_kwargs(loader),
+    )
+    if len(rebuilt) == 0:
+        raise HarnessError(
+            f"the training loader yields no batch per rank ({len(loader.dataset)} records, "
+            f"{per_rank_batch} per rank and batch, {size} ranks, drop_last={loader.drop_last})"
+        )
+    return rebuilt, sampler
+
+
+def shard_validation_loader(loader: Any, rank: int, size: int) -> tud.DataLoader:
+    """Rebuild the validation loader so that every record is evaluated exactly once across ranks."""
+    loader = _check_loader(loader, "validation")
+    n = len(loader.dataset)
+    if n < size:
+        raise HarnessError(f"the validation set has {n} records, fewer than the {size} ranks")
+    return tud.DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=ShardSampler(n, rank, size),
+        drop_last=False,
+        **_loader_kwargs(loader),
+    )
+
+
+def to_device(obj: Any, device: torch.device, path: str, non_blocking: bool = False) -> Any:
+    """Convert ndarrays to tensors and move every tensor to `device`, keeping the nesting.
+
+    `path` names the object in error messages, e.g. ``training batch 3 input['image'][0]``.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biufc":
+            raise HarnessError(
+                f"{path} is an ndarray of dtype {obj.dtype}; only numeric arrays can become tensors"
+            )
+        t = torch.from_numpy(obj)
+        return t if device.type == "cpu" else t.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, f"{path}[{k!r}]", non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_device(v, device, f"{path}[{i}]", non_blocking) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return type(obj)(items) if isinstance(obj, tuple) else items
+    raise HarnessError(
+        f"{path} is a {type(obj).__name__}; batches may hold only ndarrays, tensors, "
+        "and tuples, lists or dicts of them"
+    )
+
+
+def split_batch(batch: Any, where: str) -> Tuple[Any, Any]:
+    """A batch must be a pair (input, target)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        shape = f"a {type(batch).__name__}" + (
+            f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        )
+        raise HarnessError(f"{where} is {shape}; expected a pair (input, target)")
+    return batch[0], batch[1]
+
+
+def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values: List[Any] = (
+        list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else []
+    )
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def batch_records(inputs: Any, labels: Any, where: str) -> int:
+    """The number of records in a batch: the first dimension of its first tensor."""
+    t = _first_tensor(labels)
+    if t is None or t.dim() == 0:
+        t = _first_tensor(inputs)
+    if t is None or t.dim() == 0:
+        raise HarnessError(f"{where} holds no tensor with a batch dimension")
+    return int(t.shape[0])

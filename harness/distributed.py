@@ -1,0 +1,124 @@
+"""Horovod/MPI: init, rank info, the data-download barrier, reductions; a one-process fallback.
+
+`init()` returns a `Horovod` backend when the process runs under a launcher (horovodrun, mpirun) and a
+`Local` one otherwise, so `harness ./model_def` works without MPI and unit tests need no Horovod.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional
+
+import torch
+
+_LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (horovodrun, mpirun, an MPI operator) started this process as one of N ranks."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher's environment tells it, before any init (0 if none)."""
+    for v in _LAUNCHER_VARS:
+        if v in os.environ:
+            return int(os.environ[v])
+    return 0
+
+
+class Local:
+    """One process, no communication: the collectives are identities."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    cross_rank = 0
+    controller = "none"
+
+    def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def wrap_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+    ) -> torch.optim.Optimizer:
+        return optimizer
+
+    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class Horovod:
+    """Horovod's collectives; the MPI controller's barrier-like exchanges go through mpi4py."""
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.cross_rank = hvd.cross_rank()
+        self.controller = "mpi" if hvd.mpi_enabled() else "gloo"
+        self._comm: Optional[Any] = None
+        if self.controller == "mpi":
+            from mpi4py import MPI  # MPI is initialised by Horovod; mpi4py attaches to it
+
+            self._comm = MPI.COMM_WORLD
+
+    def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t, op=self.hvd.Sum, name="harness.sum")
+
+    def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t, op=self.hvd.Min, name="harness.min")
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        # Under MPI this is a plain MPI collective outside Horovod's background thread, so a long wait
+        # (e.g. for a download on another rank) never trips Horovod's stall checks.
+        if self._comm is not None:
+            return self._comm.allgather(obj)
+        return self.hvd.allgather_object(obj, name="harness.gather")
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self._comm is not None:
+            return self._comm.bcast(obj, root=0)
+        return self.hvd.broadcast_object(obj, root_rank=0, name="harness.bcast")
+
+    def wrap_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+    ) -> torch.optim.Optimizer:
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+
+    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+Backend = Any  # Local | Horovod
+
+
+def init() -> Backend:
+    """Start Horovod when a launcher started us; otherwise run as one local process."""
+    return Horovod() if under_launcher() else Local()
+
+
+def set_threads(backend: Backend) -> None:
+    """Split the machine's cores among the ranks on it, so that they do not oversubscribe it."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // backend.local_size))

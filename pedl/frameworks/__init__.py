@@ -1,0 +1,1 @@
+"""PEDL frameworks (only PyTorch is provided)."""

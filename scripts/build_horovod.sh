@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Build Horovod from PyPI's source distribution with the project's patches (scripts/horovod-patches/),
+# against the torch installed in the given virtualenv, and install it there. The built wheel is cached,
+# keyed by Horovod/torch/Python versions, the flavor (cpu or cuda) and the patch set, so a rebuild is rare.
+#   usage: build_horovod.sh VENV
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${1:?usage: build_horovod.sh VENV}"
+HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
+CACHE="${HARNESS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/harness-wheels}"
+PY="$VENV/bin/python"
+
+log() { printf '[horovod] %s\n' "$*"; }
+die() { printf '[horovod] ERROR: %s\n' "$*" >&2; exit 1; }
+
+torch_v="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')" || die "torch is not installed in $VENV"
+cuda_v="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
+py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+flavor="cpu"; [ -n "$cuda_v" ] && command -v nvcc >/dev/null && flavor="cuda${cuda_v}"
+patch_hash="$(cat "$HERE"/horovod-patches/*.patch "$HERE/build_horovod.sh" | sha256sum | cut -c1-12)"
+key="horovod${HOROVOD_VERSION}-torch${torch_v}-${py_tag}-${flavor}-p${patch_hash}"
+dest="$CACHE/$key"
+
+if "$PY" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null \
+   && [ -f "$VENV/.horovod-build-key" ] && [ "$(cat "$VENV/.horovod-build-key")" = "$key" ]; then
+  log "already installed ($key)"; exit 0
+fi
+
+if ! ls "$dest"/horovod-*.whl >/dev/null 2>&1; then
+  log "building $key (a few minutes; log in $CACHE/$key.log)"
+  mkdir -p "$CACHE"
+  work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+  (
+    set -euxo pipefail
+    cd "$work"
+    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d .
+    tar xzf "horovod-$HOROVOD_VERSION.tar.gz"
+    cd "horovod-$HOROVOD_VERSION"
+    for p in "$HERE"/horovod-patches/*.patch; do patch -p1 --forward < "$p"; done
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+    export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    [ "$flavor" = cpu ] || export HOROVOD_GPU_OPERATIONS="${HOROVOD_GPU_OPERATIONS:-NCCL}"
+    "$PY" -m pip wheel -v --no-deps --no-build-isolation -w "$work/out" .
+  ) > "$CACHE/$key.log" 2>&1 || {
+    tail -n 30 "$CACHE/$key.log" >&2
+    die "building Horovod $HOROVOD_VERSION against torch $torch_v failed; full log: $CACHE/$key.log"
+  }
+  mkdir -p "$dest.tmp" && mv "$work"/out/horovod-*.whl "$dest.tmp"/ && rm -rf "$dest" && mv "$dest.tmp" "$dest"
+fi
+log "installing $(basename "$dest"/horovod-*.whl)"
+"$PY" -m pip --disable-pip-version-check -q install --force-reinstall --no-deps "$dest"/horovod-*.whl
+"$PY" -m pip --disable-pip-version-check -q install cloudpickle psutil pyyaml packaging cffi
+echo "$key" > "$VENV/.horovod-build-key"

@@ -1,0 +1,86 @@
+"""Shared helpers: write small model definitions into temporary folders."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "samples")
+
+# A small, deterministic model definition on real data (scikit-learn's digits). Tests replace parts of it.
+GOOD_MODEL_DEF = """
+import numpy as np
+import torch
+from torch import nn
+import harness
+
+
+class Trial(harness.PyTorchTrial):
+    def build_model(self, hparams):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def batch_size(self):
+        return harness.get_hyperparameter("batch")
+
+    def losses(self, predictions, labels):
+        return nn.functional.cross_entropy(predictions, labels)
+
+    def validation_metrics(self, predictions, labels, losses):
+        return {"loss": losses, "accuracy": (predictions.argmax(1) == labels).float().mean()}
+"""
+
+GOOD_DATA = """
+import numpy as np
+import torch
+import harness
+
+
+def make_data_loaders(config, hparams):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images[:400] / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target[:400])
+    train = torch.utils.data.TensorDataset(x[:300], y[:300])
+    val = torch.utils.data.TensorDataset(x[300:], y[300:])
+    return harness.DataLoader(train, batch_size=20, shuffle=True), harness.DataLoader(val, batch_size=16)
+"""
+
+GOOD_CONFIG = """
+hyperparameters:
+  batch: 20
+searcher:
+  max_length: {batches: 6}
+scheduling_unit: 3
+reproducibility:
+  experiment_seed: 1
+"""
+
+
+def write_model_def(directory, model_def=GOOD_MODEL_DEF, data=GOOD_DATA, config=GOOD_CONFIG, **extra):
+    """Write model_def.py, data.py, experiment.yaml (and any `name=text` extra files) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    files = {"model_def.py": model_def, "data.py": data, "experiment.yaml": config}
+    files.update({k.replace("__", "."): v for k, v in extra.items()})
+    for name, text in files.items():
+        if text is not None:
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(textwrap.dedent(text))
+    return str(directory)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A fresh folder for a model definition; the modules it imports are forgotten afterwards."""
+    before = set(sys.modules)
+    path = tmp_path / "model"
+    yield path
+    for name in set(sys.modules) - before:
+        mod = sys.modules.get(name)
+        if getattr(mod, "__file__", "") and str(tmp_path) in (mod.__file__ or ""):
+            del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
