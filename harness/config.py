@@ -141,19 +141,22 @@ def _build(tp: Any, value: Any, key: str) -> Any:
     raise AssertionError(f"unsupported schema type {tp} for {key}")
 
 
-def _resolve_hyperparameters(hparams: Dict[str, Any]) -> Dict[str, Any]:
-    """Accept plain values and Determined's ``{type: const, val: x}``; nested mappings stay mappings."""
+def _resolve_hyperparameters(hparams: Dict[str, Any], prefix: str = "hyperparameters") -> Dict[str, Any]:
+    """Accept plain values and Determined's ``{type: const, val: x}``, in nested groups too."""
     out: Dict[str, Any] = {}
     for name, spec in hparams.items():
+        key = f"{prefix}.{name}"
         if isinstance(spec, dict) and "type" in spec:
             if spec["type"] != "const":
                 raise HarnessError(
-                    f"config key 'hyperparameters.{name}': type '{spec['type']}' needs a hyperparameter "
-                    "search; this harness trains one trial, use {type: const, val: ...} or a plain value"
+                    f"config key '{key}': type '{spec['type']}' needs a hyperparameter search; "
+                    "this harness trains one trial, use {type: const, val: ...} or a plain value"
                 )
             if "val" not in spec:
-                raise HarnessError(f"config key 'hyperparameters.{name}': a const hyperparameter needs 'val'")
+                raise HarnessError(f"config key '{key}': a const hyperparameter needs 'val'")
             out[name] = spec["val"]
+        elif isinstance(spec, dict):
+            out[name] = _resolve_hyperparameters(spec, key)  # a nested group, as in Determined
         else:
             out[name] = spec
     return out

@@ -15,15 +15,9 @@ class DataLoader(tud.DataLoader):
     """A drop-in replacement for ``torch.utils.data.DataLoader`` (same arguments).
 
     The harness rebuilds every loader that ``make_data_loaders`` returns around its dataset, collate_fn,
-    workers etc., with a sampler that shards the data across ranks. This class only remembers whether the
-    user asked for shuffling; a plain torch DataLoader works too.
+    workers etc., with a sampler that shards the data across ranks, shuffled if the loader shuffles
+    (``shuffle=True`` or a RandomSampler). A plain torch DataLoader works the same way.
     """
-
-    def __init__(
-        self, dataset: Any, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None, **kwargs: Any
-    ):
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
-        self.harness_shuffle = bool(shuffle)
 
 
 class ShardSampler(tud.Sampler):
@@ -82,7 +76,7 @@ def shard_training_loader(
 ) -> Tuple[tud.DataLoader, tud.DistributedSampler]:
     """Rebuild the training loader with a DistributedSampler and the per-rank batch size."""
     loader = _check_loader(loader, "training")
-    shuffle = getattr(loader, "harness_shuffle", isinstance(loader.sampler, tud.RandomSampler))
+    shuffle = isinstance(loader.sampler, tud.RandomSampler)
     sampler = tud.DistributedSampler(loader.dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed)
     rebuilt = tud.DataLoader(
         loader.dataset,

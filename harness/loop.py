@@ -168,7 +168,7 @@ def _report_training(acc: MetricAccumulator, progress: Progress, reporter: Repor
         local = first_nonfinite(progress.window_losses)
         index = progress.window_start + local + 1 if local is not None else sys.maxsize
         first = int(backend.allreduce_min(torch.tensor([index], dtype=torch.int64)).item())
-        raise HarnessError(f"the loss is {metrics['loss']} at training batch {first}; stopping")
+        raise HarnessError(f"the loss is not finite (NaN or inf) at training batch {first}; stopping")
     progress.window_losses.clear()
     progress.window_start = progress.batches
     reporter.report("training", progress.batches, progress.epoch, progress.records, metrics)
