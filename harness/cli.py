@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import traceback
 from typing import List, Optional
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, say
 
 USAGE_EPILOG = """\
 launch:
   harness ./model_def                       one process
   horovodrun -np 2 harness ./model_def      two ranks (Gloo or MPI)
   mpirun -np 2 harness ./model_def          two ranks under Open MPI
+  harness launch -np 2 ./model_def          two ranks, restarted from the newest checkpoint on failure
+
+other commands:
+  harness plot OUTPUT                       OUTPUT/curves.png: training loss and validation metrics
+  harness summary OUTPUT                    best and last validation metrics, checkpoints
 
 exit status: 0 success, 2 bad input (model definition, config, data), 1 any other failure.
 Set HARNESS_TRACEBACK=1 to see full tracebacks.
@@ -34,6 +40,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--config", help="experiment config YAML (default: experiment.yaml or const.yaml in model_def)"
     )
     p.add_argument("--output", default="output", help="output directory (default: ./output)")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output; start over")
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (also off when stdout is no terminal)"
+    )
     return p.parse_args(argv)
 
 
@@ -51,12 +62,40 @@ def run(args: argparse.Namespace) -> int:
 
     backend = distributed.init()
     distributed.set_threads(backend)
-    loop.train(model_def, cfg, args.output, backend)
+    _register_rank(args.output, backend.rank)
+    progress_bar = not args.quiet and sys.stdout.isatty()
+    loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
     backend.shutdown()
     return 0
 
 
-def _fail(message: str, code: int, consequential: bool) -> None:
+def state_dir(output: str) -> str:
+    """OUTPUT/.harness: per-run bookkeeping shared with `harness launch` on the same machine."""
+    return os.path.join(output, ".harness")
+
+
+def _register_rank(output: str, rank: int) -> None:
+    """Let a supervising `harness launch` find this rank (to pass SIGTERM on to it directly)."""
+    directory = os.path.join(state_dir(output), "pids")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"rank{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _record_failure(output: Optional[str], message: str, code: int, rank: int, consequential: bool) -> None:
+    """Leave the error for a supervising `harness launch` (it does not retry bad input, status 2)."""
+    if not output:
+        return
+    try:
+        os.makedirs(state_dir(output), exist_ok=True)
+        with open(os.path.join(state_dir(output), f"failure-rank{rank}.json"), "w") as f:
+            record = {"rank": rank, "exit_code": code, "message": message, "consequential": consequential}
+            json.dump({**record, "time": time.time()}, f)
+    except OSError:
+        pass
+
+
+def _fail(message: str, code: int, consequential: bool, output: Optional[str] = None) -> None:
     """Print one line and exit at once, without Python's (or Horovod's) exit handlers.
 
     Errors in set-up are the same on every rank: rank 0 reports and the launcher stops the others, which
@@ -66,10 +105,11 @@ def _fail(message: str, code: int, consequential: bool) -> None:
     from harness.distributed import env_rank
 
     rank = env_rank()
+    _record_failure(output, message, code, rank, consequential)
     if rank != 0 or consequential:
         time.sleep(2.0 if not consequential else 4.0)
     prefix = f"[rank {rank}] " if rank != 0 else ""
-    print(f"harness: error: {prefix}{message}", file=sys.stderr, flush=True)
+    say(f"harness: error: {prefix}{message}", sys.stderr)
     sys.stdout.flush()
     os._exit(code)
 
@@ -79,7 +119,19 @@ def _is_collective_failure(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
 
 
+SUBCOMMANDS = ("launch", "plot", "summary")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        from harness import tools
+
+        try:
+            return tools.main(argv)
+        except HarnessError as e:
+            say(f"harness: error: {e}", sys.stderr)
+            return HarnessError.exit_code
     args = parse_args(argv)
     show_tb = os.environ.get("HARNESS_TRACEBACK") == "1"
     try:
@@ -87,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except HarnessError as e:
         if show_tb:
             traceback.print_exc()
-        _fail(str(e), HarnessError.exit_code, consequential=False)
+        _fail(str(e), HarnessError.exit_code, consequential=False, output=args.output)
     except KeyboardInterrupt:
         _fail("interrupted", 130, consequential=False)
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything; report it in one line
@@ -96,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from harness.definition import user_frame
 
         where = user_frame(e.__traceback__, os.path.abspath(args.model_def))
-        _fail(f"{type(e).__name__}: {e}" + (f" (at {where})" if where else ""), 1, _is_collective_failure(e))
+        message = f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
+        _fail(message, 1, _is_collective_failure(e), output=args.output)
     return 1
 
 

@@ -61,6 +61,12 @@ class ReproducibilityConfig:
 
 
 @dataclass
+class CheckpointStorageConfig:
+    save_trial_latest: int = 1  # keep the newest K checkpoints
+    save_trial_best: int = 1  # and the best B by searcher.metric
+
+
+@dataclass
 class ExperimentConfig:
     description: str = ""
     name: str = ""
@@ -71,6 +77,9 @@ class ExperimentConfig:
     reproducibility: ReproducibilityConfig = field(default_factory=ReproducibilityConfig)
     data: Dict[str, Any] = field(default_factory=dict)
     entrypoint: Optional[str] = None
+    min_checkpoint_period: Optional[Length] = None
+    checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
+    max_restarts: int = 5  # used by `harness launch`
 
     def as_dict(self) -> Dict[str, Any]:
         """The effective config as plain data (Determined's shape), e.g. to hand to user functions."""
@@ -170,6 +179,17 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         cfg = _build(ExperimentConfig, raw, "")
         if cfg.scheduling_unit <= 0:
             raise HarnessError("config key 'scheduling_unit': expected a positive integer")
+        for key, value in [
+            ("max_restarts", cfg.max_restarts),
+            ("checkpoint_storage.save_trial_latest", cfg.checkpoint_storage.save_trial_latest),
+            ("checkpoint_storage.save_trial_best", cfg.checkpoint_storage.save_trial_best),
+        ]:
+            if value < 0:
+                raise HarnessError(f"config key '{key}': expected a non-negative integer")
+        if cfg.checkpoint_storage.save_trial_latest < 1:
+            raise HarnessError(
+                "config key 'checkpoint_storage.save_trial_latest': keep at least 1 (resume needs it)"
+            )
         if cfg.searcher.name != "single":
             raise HarnessError(
                 f"config key 'searcher.name': '{cfg.searcher.name}' is a search; this harness runs 'single'"

@@ -33,6 +33,23 @@ class ShardSampler(tud.Sampler):
         return len(self.indices)
 
 
+class ResumableDistributedSampler(tud.DistributedSampler):
+    """DistributedSampler that can start mid-epoch: `skip` records of this rank's shard are left out.
+
+    The permutation is a function of (seed, epoch) only, so skipping the first k batches of an epoch
+    yields exactly the batches an uninterrupted run would have trained next.
+    """
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def _loader_kwargs(loader: tud.DataLoader) -> dict:
     """The user's loader settings that carry over to the rebuilt loader."""
     kw = dict(
@@ -73,11 +90,13 @@ def _check_loader(loader: Any, which: str) -> tud.DataLoader:
 
 def shard_training_loader(
     loader: Any, per_rank_batch: int, rank: int, size: int, seed: int
-) -> Tuple[tud.DataLoader, tud.DistributedSampler]:
+) -> Tuple[tud.DataLoader, ResumableDistributedSampler]:
     """Rebuild the training loader with a DistributedSampler and the per-rank batch size."""
     loader = _check_loader(loader, "training")
     shuffle = isinstance(loader.sampler, tud.RandomSampler)
-    sampler = tud.DistributedSampler(loader.dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed)
+    sampler = ResumableDistributedSampler(
+        loader.dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed
+    )
     rebuilt = tud.DataLoader(
         loader.dataset,
         batch_size=per_rank_batch,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, List, Optional
 
@@ -54,11 +55,29 @@ class Local:
     ) -> torch.optim.Optimizer:
         return optimizer
 
-    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def broadcast_model(self, model: torch.nn.Module) -> None:
         pass
+
+    def start_any(self, flag: bool) -> Any:
+        return flag
+
+    def finish_any(self, handle: Any) -> bool:
+        return bool(handle)
 
     def shutdown(self) -> None:
         pass
+
+
+def _dumps(obj: Any) -> bytes:
+    # torch.save, not pickle: Horovod's cloudpickle path cannot unpickle tensors on torch >= 2.x storages.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    # Objects from our own ranks (RNG states, optimizer state, small dicts), never from files.
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 class Horovod:
@@ -89,22 +108,32 @@ class Horovod:
         # Under MPI this is a plain MPI collective outside Horovod's background thread, so a long wait
         # (e.g. for a download on another rank) never trips Horovod's stall checks.
         if self._comm is not None:
-            return self._comm.allgather(obj)
-        return self.hvd.allgather_object(obj, name="harness.gather")
+            return [_loads(b) for b in self._comm.allgather(_dumps(obj))]
+        return [_loads(b) for b in self.hvd.allgather_object(_dumps(obj), name="harness.gather")]
 
     def broadcast_object(self, obj: Any) -> Any:
         if self._comm is not None:
-            return self._comm.bcast(obj, root=0)
-        return self.hvd.broadcast_object(obj, root_rank=0, name="harness.bcast")
+            return _loads(self._comm.bcast(_dumps(obj), root=0))
+        return _loads(self.hvd.broadcast_object(_dumps(obj), root_rank=0, name="harness.bcast"))
 
     def wrap_optimizer(
         self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
     ) -> torch.optim.Optimizer:
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
 
-    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        # Optimizer state is not broadcast with hvd.broadcast_optimizer_state: on a fresh optimizer that
+        # takes a dummy step (weight decay moves the weights, Adam's step count becomes 1), which would
+        # make np=1 and np=N differ. A fresh optimizer is the same everywhere; a resumed one is
+        # broadcast by the loop.
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def start_any(self, flag: bool) -> Any:
+        """Start agreeing on "did any rank raise `flag`?"; it overlaps with the batch's computation."""
+        return self.hvd.allreduce_async(torch.tensor([float(flag)]), op=self.hvd.Sum, name="harness.any")
+
+    def finish_any(self, handle: Any) -> bool:
+        return bool(self.hvd.synchronize(handle).item() > 0)
 
     def shutdown(self) -> None:
         self.hvd.shutdown()

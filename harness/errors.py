@@ -1,4 +1,7 @@
-"""The one exception type for bad input: its message is shown to the user as a single line."""
+"""The one exception type for bad input (shown to the user as a single line), and console output."""
+
+import sys
+from typing import Optional, TextIO
 
 
 class HarnessError(Exception):
@@ -9,3 +12,10 @@ class HarnessError(Exception):
     """
 
     exit_code = 2
+
+
+def say(line: str, stream: Optional[TextIO] = None) -> None:
+    """Print one line in a single write, so that launchers tagging output ([1,0]<stdout>:) keep it whole."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()

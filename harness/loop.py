@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import yaml
 
+from harness import checkpoint
 from harness import trial as trial_api
 from harness.config import ExperimentConfig
 from harness.data import (
@@ -27,38 +29,60 @@ from harness.data import (
     to_device,
 )
 from harness.definition import ModelDefinition, positional_arity, user_frame
-from harness.errors import HarnessError
-from harness.metrics import MetricAccumulator, Reporter, first_nonfinite
+from harness.errors import HarnessError, say
+from harness.metrics import MetricAccumulator, first_nonfinite
+from harness.preemption import StopRequest
+from harness.report import Reporter
 
 
 @dataclass
 class Progress:
-    """Where training stands, in global units (the same on every rank)."""
+    """Where training stands, in global units (the same on every rank); saved in checkpoints."""
 
     batches: int = 0
     records: int = 0
+    epoch_index: int = 0
+    batch_in_epoch: int = 0
     batches_per_epoch: int = 1
-    window_start: int = 0  # first batch of the current report window
-    window_losses: List[torch.Tensor] = field(default_factory=list)
+    loss_log_start: int = 0  # batch number before the first entry of loss_log
+    loss_log: List[torch.Tensor] = field(default_factory=list)  # losses since the last report (NaN check)
 
     @property
     def epoch(self) -> float:
         return self.batches / self.batches_per_epoch
 
+    def saved(self) -> Dict[str, int]:
+        return {
+            "batches": self.batches,
+            "records": self.records,
+            "epoch_index": self.epoch_index,
+            "batch_in_epoch": self.batch_in_epoch,
+        }
+
 
 def train(
-    model_def: ModelDefinition, config: ExperimentConfig, output_dir: str, backend: Any
+    model_def: ModelDefinition,
+    config: ExperimentConfig,
+    output_dir: str,
+    backend: Any,
+    fresh: bool = False,
+    resume_from: Optional[str] = None,
+    progress_bar: bool = False,
 ) -> Dict[str, Any]:
-    """Train the trial as `config` says; returns the last validation metrics."""
+    """Train the trial as `config` says, resuming from a checkpoint in `output_dir` if there is one."""
     device = _pick_device(backend)
-    config.reproducibility.experiment_seed = seed = _agree_on_seed(config, backend)
+    is_chief = backend.rank == 0
+    stop = StopRequest()
+
+    # Resume: rank 0 finds the checkpoint; its small state reaches every rank, the weights by broadcast.
+    ckpt = checkpoint.prepare_output(output_dir, fresh, resume_from) if is_chief else None
+    resumed = backend.broadcast_object(_resume_info(ckpt) if ckpt else None)
+    config.reproducibility.experiment_seed = seed = _agree_on_seed(config, backend, resumed)
     hparams = config.hyperparameters
     config_dict = config.as_dict()
     trial_api._set_context(hparams, None)
     _seed_everything(seed)
-    is_chief = backend.rank == 0
     if is_chief:
-        os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(config_dict, f, sort_keys=False)
 
@@ -76,26 +100,62 @@ def train(
     )
     val_loader = shard_validation_loader(val_loader, backend.rank, backend.size)
 
-    # Model and optimizer: built on every rank from the same seed, then rank 0's state is broadcast.
+    # Model and optimizer: built on every rank from the same seed; rank 0's state is broadcast.
     model = _build_model(trial, model_def, hparams).to(device)
     optimizer = backend.wrap_optimizer(_build_optimizer(trial, model_def, model, hparams), model)
-    backend.broadcast_state(model, optimizer)
+    if resumed:
+        if is_chief:
+            model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(backend.broadcast_object(ckpt.optimizer if is_chief else None))
+    backend.broadcast_model(model)
     _seed_everything(seed + backend.rank)  # per-rank randomness (dropout, augmentation) from here on
 
     progress = Progress(batches_per_epoch=len(train_loader))
     total = config.searcher.max_length.to_batches(progress.batches_per_epoch, global_batch)
-    period = config.min_validation_period
-    validate_every = period.to_batches(progress.batches_per_epoch, global_batch) if period else None
-    reporter = Reporter(output_dir, enabled=is_chief)
+    validate_every = _every(config.min_validation_period, progress, global_batch)
+    checkpoint_every = _every(config.min_checkpoint_period, progress, global_batch)
     train_metrics = MetricAccumulator(device, "losses()/training_metrics()")
-    non_blocking = device.type == "cuda"
     last_validation: Dict[str, Any] = {}
+    rng_resume = None
+    if resumed:
+        for key, value in resumed["progress"].items():
+            setattr(progress, key, value)
+        progress.loss_log_start = progress.batches
+        last_validation = resumed["validation_metrics"]
+        rng_resume = resumed["rng"][backend.rank] if backend.rank < len(resumed["rng"]) else None
+        if is_chief:
+            train_metrics.load(*ckpt.trainer["window"])
+    reporter = Reporter(
+        output_dir,
+        enabled=is_chief,
+        resume_at=progress.batches if resumed else None,
+        progress_bar=progress_bar,
+    )
+    if resumed:
+        reporter.log(
+            f"resuming from {resumed['path']} at batch {progress.batches} (epoch {progress.epoch:.2f})"
+        )
+    ckpt_ctx = _CheckpointContext(output_dir, config, backend, model, optimizer, train_metrics, progress)
+    non_blocking = device.type == "cuda"
+    if progress.batches >= total:
+        reporter.log(f"already trained {progress.batches} of {total} batches; nothing to do")
 
     model.train()
-    epoch = 0
     while progress.batches < total:
-        sampler.set_epoch(epoch)
-        for batch in train_loader:
+        sampler.set_epoch(progress.epoch_index)
+        sampler.skip = progress.batch_in_epoch * per_rank_batch  # mid-epoch resume: skip what was trained
+        if rng_resume is not None:
+            checkpoint.restore_rng(rng_resume["epoch_start"])  # so that iter() draws what it drew before
+        ckpt_ctx.epoch_rng = checkpoint.capture_rng()
+        batches = iter(train_loader)
+        if rng_resume is not None:
+            checkpoint.restore_rng(rng_resume["now"])
+            rng_resume = None
+        reporter.start_period(
+            config.scheduling_unit - progress.batches % config.scheduling_unit, global_batch
+        )
+        for batch in batches:
+            stopping = backend.start_any(stop.requested)  # agreed on after the step; overlaps the batch
             where = f"training batch {progress.batches + 1}"
             inputs, labels = split_batch(batch, where)
             inputs = to_device(inputs, device, f"{where} input", non_blocking)
@@ -112,26 +172,42 @@ def train(
             with torch.no_grad():
                 extra = trial.training_metrics(predictions, labels, losses)
                 train_metrics.add({**(extra or {}), **_loss_metrics(losses, loss)})
-            progress.window_losses.append(loss.detach())
+            progress.loss_log.append(loss.detach())
+            records = batch_records(inputs, labels, where) * backend.size
             progress.batches += 1
-            progress.records += batch_records(inputs, labels, where) * backend.size
+            progress.batch_in_epoch += 1
+            progress.records += records
+            reporter.advance(records)
 
             done = progress.batches >= total
             if done or progress.batches % config.scheduling_unit == 0:
                 _report_training(train_metrics, progress, reporter, backend)
+                reporter.start_period(config.scheduling_unit, global_batch)
             if done or (validate_every and progress.batches % validate_every == 0):
                 last_validation = validate(trial, model, val_loader, device, backend)
                 _check_searcher_metric(config, last_validation)
                 reporter.report(
                     "validation", progress.batches, progress.epoch, progress.records, last_validation
                 )
+            stopping = backend.finish_any(stopping)
+            if done or stopping or (checkpoint_every and progress.batches % checkpoint_every == 0):
+                path = ckpt_ctx.save(last_validation)
+                if stopping:
+                    reporter.log(
+                        f"stopped by {stop.signal_name or 'a signal on another rank'} at batch "
+                        f"{progress.batches}; checkpoint: {path}"
+                    )
+                    reporter.close()
+                    return last_validation
             if done:
                 break
-        epoch += 1
+        else:
+            progress.epoch_index += 1
+            progress.batch_in_epoch = 0
 
     reporter.close()
     if is_chief:
-        print(f"results: {os.path.abspath(reporter.path)}", flush=True)
+        say(f"results: {os.path.abspath(reporter.path)}")
     return last_validation
 
 
@@ -157,6 +233,72 @@ def validate(
     return metrics.reduce(backend)
 
 
+@dataclass
+class _CheckpointContext:
+    """What a checkpoint needs from the loop; `save` is called on every rank at the same batch."""
+
+    output_dir: str
+    config: ExperimentConfig
+    backend: Any
+    model: torch.nn.Module
+    optimizer: Any
+    train_metrics: MetricAccumulator
+    progress: Progress
+    epoch_rng: Any = None
+
+    def save(self, validation_metrics: Dict[str, Any]) -> str:
+        backend, progress = self.backend, self.progress
+        # Every rank's RNG (now and at the start of this epoch) and the partial training-metric window.
+        rngs = backend.allgather_object({"now": checkpoint.capture_rng(), "epoch_start": self.epoch_rng})
+        sums, weight = self.train_metrics.totals(backend)
+        path = None
+        if backend.rank == 0:
+            self.train_metrics.load(sums, weight)  # counted once, on rank 0, as after a resume
+            if any(not bool(torch.isfinite(t).all()) for t in sums.values()):
+                raise HarnessError(
+                    f"a training metric is not finite at batch {progress.batches}; not checkpointing"
+                )
+            cfg = self.config
+            state = {
+                "progress": progress.saved(),
+                "seed": cfg.reproducibility.experiment_seed,
+                "ranks": backend.size,
+                "validation_metrics": validation_metrics,
+                "hparams": cfg.hyperparameters,
+                "config": cfg.as_dict(),
+                "time": time.time(),
+            }
+            trainer = {"rng": rngs, "window": [sums, weight]}
+            root = os.path.join(self.output_dir, "checkpoints")
+            path = checkpoint.save(
+                root, progress.batches, state, self.model.state_dict(), self.optimizer.state_dict(), trainer
+            )
+            storage = cfg.checkpoint_storage
+            checkpoint.apply_retention(
+                root,
+                storage.save_trial_latest,
+                storage.save_trial_best,
+                cfg.searcher.metric,
+                cfg.searcher.smaller_is_better,
+            )
+        return backend.broadcast_object(path)  # also a barrier: the checkpoint is complete for everyone
+
+
+def _resume_info(ckpt: checkpoint.Checkpoint) -> Dict[str, Any]:
+    """The part of a checkpoint every rank needs (the weights travel by broadcast)."""
+    return {
+        "path": ckpt.path,
+        "progress": ckpt.state["progress"],
+        "seed": ckpt.state["seed"],
+        "validation_metrics": ckpt.state["validation_metrics"],
+        "rng": ckpt.trainer["rng"],
+    }
+
+
+def _every(length: Any, progress: Progress, global_batch: int) -> Optional[int]:
+    return length.to_batches(progress.batches_per_epoch, global_batch) if length else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The duties, out of the way of the loop.
 
@@ -165,12 +307,12 @@ def _report_training(acc: MetricAccumulator, progress: Progress, reporter: Repor
     metrics = acc.reduce(backend)
     if not math.isfinite(metrics["loss"]):
         # Every rank sees the same reduced loss, so all take this branch; find the first bad batch anywhere.
-        local = first_nonfinite(progress.window_losses)
-        index = progress.window_start + local + 1 if local is not None else sys.maxsize
+        local = first_nonfinite(progress.loss_log)
+        index = progress.loss_log_start + local + 1 if local is not None else sys.maxsize
         first = int(backend.allreduce_min(torch.tensor([index], dtype=torch.int64)).item())
         raise HarnessError(f"the loss is not finite (NaN or inf) at training batch {first}; stopping")
-    progress.window_losses.clear()
-    progress.window_start = progress.batches
+    progress.loss_log.clear()
+    progress.loss_log_start = progress.batches
     reporter.report("training", progress.batches, progress.epoch, progress.records, metrics)
 
 
@@ -215,8 +357,10 @@ def _pick_device(backend: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _agree_on_seed(config: ExperimentConfig, backend: Any) -> int:
+def _agree_on_seed(config: ExperimentConfig, backend: Any, resumed: Optional[Dict[str, Any]]) -> int:
     seed = config.reproducibility.experiment_seed
+    if seed is None and resumed:
+        seed = resumed["seed"]  # a drawn seed is kept across restarts
     if seed is None:
         seed = backend.broadcast_object(random.SystemRandom().randrange(2**31) if backend.rank == 0 else None)
     return seed

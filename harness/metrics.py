@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
-import os
-import sys
-import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,65 +60,33 @@ class MetricAccumulator:
                 prev.add_(t)
         self.weight += weight
 
-    def reduce(self, backend: Any) -> Reduced:
-        """The weighted means over every rank, as Python numbers (nested lists for non-scalars)."""
+    def totals(self, backend: Any) -> Tuple[Dict[str, torch.Tensor], float]:
+        """The sums and the weight over every rank, undivided (for a checkpoint); clears this rank's."""
         names = sorted(self.sums)
         parts = [self.sums[n].reshape(-1) for n in names]
         weight = torch.tensor([self.weight], dtype=torch.float64, device=self.device)
         flat = backend.allreduce_sum(torch.cat(parts + [weight])).cpu()
-        total = flat[-1].item()
-        out: Reduced = {}
-        offset = 0
+        sums, offset = {}, 0
         for n, p in zip(names, parts):
-            value = (flat[offset : offset + p.numel()] / total).reshape(self.sums[n].shape)
-            out[n] = value.item() if value.dim() == 0 else value.tolist()
+            sums[n] = flat[offset : offset + p.numel()].reshape(self.sums[n].shape).clone()
             offset += p.numel()
         self.sums.clear()
         self.weight = 0.0
+        return sums, float(flat[-1].item())
+
+    def load(self, sums: Dict[str, torch.Tensor], weight: float) -> None:
+        """Start from totals saved by `totals` (on one rank only, so that they are counted once)."""
+        self.sums = {n: t.to(self.device, torch.float64).clone() for n, t in sums.items()}
+        self.weight = weight
+
+    def reduce(self, backend: Any) -> Reduced:
+        """The weighted means over every rank, as Python numbers (nested lists for non-scalars)."""
+        sums, total = self.totals(backend)
+        out: Reduced = {}
+        for n, value in sums.items():
+            value = value / total
+            out[n] = value.item() if value.dim() == 0 else value.tolist()
         return out
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, list):
-        flat = np.asarray(value).reshape(-1)
-        shown = " ".join(f"{v:.4g}" for v in flat[:4])
-        return f"[{shown}{' ...' if flat.size > 4 else ''}]"
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
-
-
-class Reporter:
-    """Rank 0's sinks: one JSON object per report in OUTPUT/metrics.jsonl and one line on stdout."""
-
-    def __init__(self, output_dir: str, enabled: bool, stream: Optional[TextIO] = None):
-        self.enabled = enabled
-        self.stream = stream or sys.stdout
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._file: Optional[TextIO] = None
-        if enabled:
-            os.makedirs(output_dir, exist_ok=True)
-            self._file = open(self.path, "w")
-
-    def report(self, kind: str, batches: int, epoch: float, records: int, metrics: Reduced) -> None:
-        if not self.enabled:
-            return
-        entry = {
-            "type": kind,
-            "batches": batches,
-            "epoch": round(epoch, 6),
-            "records": records,
-            "metrics": metrics,
-            "time": time.time(),
-        }
-        assert self._file is not None
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        print(f"[{kind:<10}] batch {batches:>6}  epoch {epoch:6.2f}  {shown}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def first_nonfinite(values: List[torch.Tensor]) -> Optional[int]:

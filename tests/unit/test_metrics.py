@@ -11,7 +11,8 @@ import torch
 
 from harness.distributed import Local
 from harness.errors import HarnessError
-from harness.metrics import MetricAccumulator, Reporter, first_nonfinite
+from harness.metrics import MetricAccumulator, first_nonfinite
+from harness.report import Reporter
 
 CPU = torch.device("cpu")
 

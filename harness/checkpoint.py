@@ -1,0 +1,228 @@
+"""Checkpoints: atomic save by rank 0, verified load (weights_only), retention, and RNG capture.
+
+Layout: ``OUTPUT/checkpoints/<batches>/`` holding ``model.pt``, ``optimizer.pt``, ``trainer.pt`` (RNG states
+of every rank, partial training metrics), ``state.json`` (progress, config, hparams, metrics) and
+``manifest.json`` (sha256 of each file), plus ``OUTPUT/checkpoints/latest`` naming the newest one.
+A checkpoint is written into a temporary folder, fsynced and renamed, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError, say
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+TENSOR_FILES = ("model.pt", "optimizer.pt", "trainer.pt")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    state: Dict[str, Any]  # state.json: progress, metrics, config, hparams
+    model: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    trainer: Dict[str, Any]  # rng (per rank), training-metric window
+
+
+def capture_rng() -> Dict[str, Any]:
+    """This process's RNG states, as data that ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(root: str) -> List[int]:
+    """The batch numbers of the checkpoint folders under `root`, newest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+
+
+def save(
+    root: str,
+    batches: int,
+    state: Dict[str, Any],
+    model: Dict[str, Any],
+    optimizer: Dict[str, Any],
+    trainer: Dict[str, Any],
+) -> str:
+    """Write checkpoint `batches` atomically; returns its folder."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, str(batches))
+    tmp = os.path.join(root, f".tmp-{batches}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, obj in zip(TENSOR_FILES, (model, optimizer, trainer)):
+        torch.save(obj, os.path.join(tmp, name))
+    with open(os.path.join(tmp, STATE), "w") as f:
+        json.dump(state, f, indent=1)
+    files = [*TENSOR_FILES, STATE]
+    manifest = {"files": {n: _sha256(os.path.join(tmp, n)) for n in files}, "created": time.time()}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    for name in [*files, MANIFEST]:
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+    if os.path.exists(final):  # the same batch saved again (e.g. SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    _write_text_atomic(os.path.join(root, "latest"), f"{batches}\n")
+    return final
+
+
+def verify(path: str) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({e.__class__.__name__})"
+    for name, digest in manifest.get("files", {}).items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    if set(manifest.get("files", {})) != {*TENSOR_FILES, STATE}:
+        return "the manifest does not list every file"
+    return None
+
+
+def load(path: str, map_location: Any = "cpu") -> Checkpoint:
+    """Load a verified checkpoint; tensors only (weights_only=True): a checkpoint is data, never code."""
+
+    def tensors(name: str) -> Any:
+        return torch.load(os.path.join(path, name), map_location=map_location, weights_only=True)
+
+    with open(os.path.join(path, STATE)) as f:
+        state = json.load(f)
+    return Checkpoint(path, state, tensors("model.pt"), tensors("optimizer.pt"), tensors("trainer.pt"))
+
+
+def warn(message: str) -> None:
+    say(f"harness: warning: {message}", sys.stderr)
+
+
+def load_newest_valid(root: str) -> Optional[Checkpoint]:
+    """The newest checkpoint that verifies and loads; corrupt ones are skipped with a warning."""
+    for batches in checkpoint_dirs(root):
+        path = os.path.join(root, str(batches))
+        problem = verify(path)
+        if problem is None:
+            try:
+                return load(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
+                problem = f"cannot be loaded ({type(e).__name__}: {e})"
+        warn(f"checkpoint {path} is corrupt: {problem}; skipping it")
+    return None
+
+
+def apply_retention(
+    root: str, keep_latest: int, keep_best: int, metric: Optional[str], smaller_is_better: bool
+) -> None:
+    """Delete checkpoints that are neither among the newest `keep_latest` nor the best `keep_best`."""
+    all_batches = checkpoint_dirs(root)
+    keep = set(all_batches[:keep_latest])
+    if metric and keep_best > 0:
+        scored = []
+        for b in all_batches:
+            try:
+                with open(os.path.join(root, str(b), STATE)) as f:
+                    value = json.load(f)["validation_metrics"].get(metric)
+            except (OSError, ValueError, KeyError):
+                continue
+            if isinstance(value, (int, float)):
+                scored.append((value if smaller_is_better else -value, -b, b))
+        keep.update(b for _, _, b in sorted(scored)[:keep_best])
+    for b in all_batches:
+        if b not in keep:
+            shutil.rmtree(os.path.join(root, str(b)), ignore_errors=True)
+
+
+def _move_aside(output_dir: str, names: List[str]) -> str:
+    dest = os.path.join(output_dir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(dest, exist_ok=True)
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> Optional[Checkpoint]:
+    """Rank 0, before training: the checkpoint to resume from, if any.
+
+    `--resume PATH` names one; otherwise the newest valid one under OUTPUT/checkpoints. When a run starts
+    from scratch (`--fresh`, or nothing to resume) in a folder that holds an earlier run, that run is moved
+    to OUTPUT/previous-<time>/, with a message: nothing is overwritten silently.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    root = os.path.join(output_dir, "checkpoints")
+    if resume_from:
+        problem = verify(resume_from) if os.path.isdir(resume_from) else "no such checkpoint folder"
+        if problem:
+            raise HarnessError(f"--resume {resume_from}: {problem}")
+        return load(resume_from)
+    ckpt = None if fresh else load_newest_valid(root)
+    if ckpt is None:
+        earlier = [
+            n
+            for n in ("metrics.jsonl", "checkpoints", "tensorboard")
+            if os.path.exists(os.path.join(output_dir, n))
+        ]
+        if earlier:
+            dest = _move_aside(output_dir, earlier)
+            why = "--fresh" if fresh else "no valid checkpoint to resume from"
+            say(f"harness: {why}: moved the earlier run in {output_dir} to {dest}")
+    return ckpt

@@ -1,0 +1,150 @@
+"""Rank 0's sinks for reports: metrics.jsonl, TensorBoard, and the console (a tqdm bar on a terminal)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+import numpy as np
+
+from harness.errors import say
+
+Reduced = Dict[str, Any]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, list):
+        flat = np.asarray(value, dtype=float).reshape(-1)
+        shown = " ".join(f"{v:.4g}" for v in flat[:4])
+        return f"[{shown}{' ...' if flat.size > 4 else ''}]"
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The reports in a metrics.jsonl; a torn last line (a killed writer) is ignored."""
+    entries = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    break
+    return entries
+
+
+class Reporter:
+    """One JSON object per report in OUTPUT/metrics.jsonl, TensorBoard scalars, one line on the console.
+
+    `resume_at`: the batch of the checkpoint a run resumes from; reports after it (written before the
+    interruption, to be written again) are dropped, so the files hold each report exactly once.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        enabled: bool,
+        resume_at: Optional[int] = None,
+        progress_bar: bool = False,
+        stream: Optional[TextIO] = None,
+    ):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._file: Optional[TextIO] = None
+        self._tb: Any = None
+        self._bar: Any = None
+        self._bar_wanted = progress_bar
+        self._last_loss: Optional[float] = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        kept = [e for e in read_metrics(self.path) if resume_at is not None and e["batches"] <= resume_at]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in kept)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run wrote after the checkpoint we resume from.
+        purge = resume_at + 1 if resume_at is not None else None
+        self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
+
+    # -- progress ------------------------------------------------------------------------------------
+    def start_period(self, batches: int, records_per_batch: int) -> None:
+        """A progress bar over the next report period (rank 0, a terminal, not --quiet)."""
+        if not (self.enabled and self._bar_wanted):
+            return
+        from tqdm import tqdm
+
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = tqdm(
+            total=batches * records_per_batch,
+            unit="rec",
+            unit_scale=True,
+            desc="train",
+            leave=False,
+            file=self.stream,
+        )
+        if self._last_loss is not None:
+            self._bar.set_postfix(loss=f"{self._last_loss:.4g}")
+
+    def advance(self, records: int) -> None:
+        if self._bar is not None:
+            self._bar.update(records)
+
+    # -- reports ------------------------------------------------------------------------------------
+    def report(self, kind: str, batches: int, epoch: float, records: int, metrics: Reduced) -> None:
+        if not self.enabled:
+            return
+        entry = {
+            "type": kind,
+            "batches": batches,
+            "epoch": round(epoch, 6),
+            "records": records,
+            "metrics": metrics,
+            "time": time.time(),
+        }
+        assert self._file is not None
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        for name, value in metrics.items():
+            self._tensorboard(f"{kind}/{name}", value, batches)
+        self._tb.flush()
+        if kind == "training" and isinstance(metrics.get("loss"), float):
+            self._last_loss = metrics["loss"]
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        self.log(f"[{kind:<10}] batch {batches:>6}  epoch {epoch:6.2f}  {shown}")
+
+    def _tensorboard(self, tag: str, value: Any, step: int) -> None:
+        if isinstance(value, list):  # non-scalar: one scalar per element
+            for i, v in enumerate(np.asarray(value, dtype=float).reshape(-1)):
+                self._tb.add_scalar(f"{tag}/{i}", float(v), step)
+        else:
+            self._tb.add_scalar(tag, float(value), step)
+
+    def log(self, line: str) -> None:
+        """A line on the console, around the progress bar if there is one."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            say(line, self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
