@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -106,6 +107,7 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
 
     rank = env_rank()
     _record_failure(output, message, code, rank, consequential)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:
         time.sleep(2.0 if not consequential else 4.0)
     prefix = f"[rank {rank}] " if rank != 0 else ""

@@ -131,6 +131,10 @@ def train(
         resume_at=progress.batches if resumed else None,
         progress_bar=progress_bar,
     )
+    reporter.log(
+        f"training on {device} with {backend.size} rank(s) ({backend.controller}), "
+        f"global batch {global_batch}, {total} batches ({progress.batches_per_epoch} per epoch)"
+    )
     if resumed:
         reporter.log(
             f"resuming from {resumed['path']} at batch {progress.batches} (epoch {progress.epoch:.2f})"

@@ -3,6 +3,8 @@
 # against the torch installed in the given virtualenv, and install it there. The built wheel is cached,
 # keyed by Horovod/torch/Python versions, the flavor (cpu or cuda) and the patch set, so a rebuild is rare.
 #   usage: build_horovod.sh VENV
+#   env: HOROVOD_VERSION, HARNESS_WHEEL_CACHE, HOROVOD_SDIST (a local sdist instead of PyPI),
+#        HOROVOD_WITHOUT_MPI=1 (Gloo only), HOROVOD_GPU_OPERATIONS (default NCCL on a CUDA build)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +20,7 @@ torch_v="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')" || 
 cuda_v="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
 py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 flavor="cpu"; [ -n "$cuda_v" ] && command -v nvcc >/dev/null && flavor="cuda${cuda_v}"
+[ "${HOROVOD_WITHOUT_MPI:-}" = 1 ] && flavor="${flavor}-nompi"
 patch_hash="$(cat "$HERE"/horovod-patches/*.patch "$HERE/build_horovod.sh" | sha256sum | cut -c1-12)"
 key="horovod${HOROVOD_VERSION}-torch${torch_v}-${py_tag}-${flavor}-p${patch_hash}"
 dest="$CACHE/$key"
@@ -34,12 +37,20 @@ if ! ls "$dest"/horovod-*.whl >/dev/null 2>&1; then
   (
     set -euxo pipefail
     cd "$work"
-    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d .
+    if [ -n "${HOROVOD_SDIST:-}" ]; then  # an sdist at hand (machines without PyPI)
+      cp "$HOROVOD_SDIST" "horovod-$HOROVOD_VERSION.tar.gz"
+    else
+      "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d .
+    fi
     tar xzf "horovod-$HOROVOD_VERSION.tar.gz"
     cd "horovod-$HOROVOD_VERSION"
     for p in "$HERE"/horovod-patches/*.patch; do patch -p1 --forward < "$p"; done
-    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
+    # MPI too, unless asked not to (e.g. a GPU machine without MPI: Gloo and NCCL only).
+    [ "${HOROVOD_WITHOUT_MPI:-}" = 1 ] || export HOROVOD_WITH_MPI=1
     export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    # CMake >= 4 refuses the bundled Gloo's cmake_minimum_required(< 3.5) without this (older ones ignore it).
+    export CMAKE_POLICY_VERSION_MINIMUM=3.5
     [ "$flavor" = cpu ] || export HOROVOD_GPU_OPERATIONS="${HOROVOD_GPU_OPERATIONS:-NCCL}"
     "$PY" -m pip wheel -v --no-deps --no-build-isolation -w "$work/out" .
   ) > "$CACHE/$key.log" 2>&1 || {
@@ -50,5 +61,5 @@ if ! ls "$dest"/horovod-*.whl >/dev/null 2>&1; then
 fi
 log "installing $(basename "$dest"/horovod-*.whl)"
 "$PY" -m pip --disable-pip-version-check -q install --force-reinstall --no-deps "$dest"/horovod-*.whl
-"$PY" -m pip --disable-pip-version-check -q install cloudpickle psutil pyyaml packaging cffi
+"$PY" -m pip --disable-pip-version-check -q install cloudpickle psutil pyyaml packaging cffi  # install_requires
 echo "$key" > "$VENV/.horovod-build-key"

@@ -269,3 +269,25 @@ def test_first_nonfinite_empty_and_long():
     values[637] = torch.tensor(float("nan"))
     values[900] = torch.tensor(float("inf"))
     assert first_nonfinite(values) == 637
+
+
+def test_progress_bar_shows_records_per_second_and_last_loss(tmp_path):
+    stream = io.StringIO()
+    reporter = Reporter(str(tmp_path), enabled=True, progress_bar=True, stream=stream)
+    reporter.report("training", 3, 0.5, 60, {"loss": 0.25})
+    reporter.start_period(3, 20)
+    reporter.advance(20)
+    time.sleep(0.15)  # tqdm redraws at most every 0.1 s
+    reporter.advance(20)
+    shown = stream.getvalue()
+    reporter.close()
+    assert "train:" in shown and "40.0/60.0" in shown and "rec/s, loss=0.25]" in shown
+
+
+def test_no_progress_bar_when_not_asked(tmp_path):
+    stream = io.StringIO()
+    reporter = Reporter(str(tmp_path), enabled=True, progress_bar=False, stream=stream)
+    reporter.start_period(3, 20)
+    reporter.advance(20)
+    reporter.close()
+    assert stream.getvalue() == ""
