@@ -159,7 +159,7 @@ def train(
             config.scheduling_unit - progress.batches % config.scheduling_unit, global_batch
         )
         for batch in batches:
-            stopping = backend.start_any(stop.requested)  # agreed on after the step; overlaps the batch
+            stop_vote = backend.start_any(stop.requested)  # settled after the step; overlaps the batch
             where = f"training batch {progress.batches + 1}"
             inputs, labels = split_batch(batch, where)
             inputs = to_device(inputs, device, f"{where} input", non_blocking)
@@ -193,7 +193,7 @@ def train(
                 reporter.report(
                     "validation", progress.batches, progress.epoch, progress.records, last_validation
                 )
-            stopping = backend.finish_any(stopping)
+            stopping = backend.finish_any(stop_vote)
             if done or stopping or (checkpoint_every and progress.batches % checkpoint_every == 0):
                 path = ckpt_ctx.save(last_validation)
                 if stopping:

@@ -73,6 +73,7 @@ def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
 def launch(argv: List[str]) -> int:
     p = argparse.ArgumentParser(
         prog="harness launch",
+        usage="harness launch [-np N] [-H HOSTS] [--launcher L] [--max-restarts N] MODEL_DIR [options]",
         description="Run the job under a launcher and restart it from the newest checkpoint after a failure "
         "(at most max_restarts times; bad input, exit status 2, is not retried). SIGTERM is passed on to the "
         "ranks, which checkpoint and exit 0.",
