@@ -130,9 +130,13 @@ class Horovod:
 
     def start_any(self, flag: bool) -> Any:
         """Start agreeing on "did any rank raise `flag`?"; it overlaps with the batch's computation."""
+        if self.size == 1:  # nothing to agree on; a collective would wait for Horovod's next cycle
+            return flag
         return self.hvd.allreduce_async(torch.tensor([float(flag)]), op=self.hvd.Sum, name="harness.any")
 
     def finish_any(self, handle: Any) -> bool:
+        if isinstance(handle, bool):
+            return handle
         return bool(self.hvd.synchronize(handle).item() > 0)
 
     def shutdown(self) -> None:
