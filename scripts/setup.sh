@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
 # Idempotent set-up: system packages, a virtualenv at $VENV (default .venv), torch, the harness, and the
 # patched Horovod wheel (built once, then cached). Shared by `make setup` and the Dockerfile.
+# Knobs (defaults are what `make setup` does; the Dockerfile sets the others):
+#   HARNESS_INSTALL     editable (default: the harness with its test tools) | none (all but the harness:
+#                       torch, Horovod, the harness's dependencies; the image installs the harness as a wheel)
+#   TORCH_INDEX_URL     an extra package index for torch (e.g. https://download.pytorch.org/whl/cpu)
+#   EXTRA_APT_PACKAGES  more Debian packages to install in step 1 (space-separated)
+#   HARNESS_CHECK_BUILD what `horovodrun --check-build` must list (default: PyTorch MPI Gloo)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+HARNESS_INSTALL="${HARNESS_INSTALL:-editable}"
+read -ra CHECK_BUILD <<< "${HARNESS_CHECK_BUILD:-PyTorch MPI Gloo}"
+read -ra EXTRA_APT <<< "${EXTRA_APT_PACKAGES:-}"
 STAMP="$VENV/.harness-setup-stamp"
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+case "$HARNESS_INSTALL" in editable|none) ;; *) die "HARNESS_INSTALL=$HARNESS_INSTALL: editable or none" ;; esac
 
 # 1. System packages (Debian). Skipped when all are present, so a second run needs no network.
-APT_PKGS=(openmpi-bin libopenmpi-dev build-essential cmake python3-venv)
+APT_PKGS=(openmpi-bin libopenmpi-dev build-essential cmake python3-venv "${EXTRA_APT[@]}")
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,25 +42,34 @@ PY="${PYTHON:-python3}"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 req_hash="$(cat "$ROOT/pyproject.toml" "$HERE/setup.sh" "$HERE/build_horovod.sh" "$HERE"/horovod-patches/* 2>/dev/null | sha256sum | cut -c1-16)"
-want="torch=$TORCH_VERSION req=$req_hash"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import horovod.torch, harness" 2>/dev/null; then
+want="torch=$TORCH_VERSION install=$HARNESS_INSTALL req=$req_hash"
+imports="import horovod.torch"; [ "$HARNESS_INSTALL" = none ] || imports+=", harness"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "$imports" 2>/dev/null; then
   log "up to date ($VENV)"
   exit 0
 fi
 
 log "installing torch==$TORCH_VERSION and dependencies"
-"${PIP[@]}" install "torch==$TORCH_VERSION"
+torch_index=(); [ -z "${TORCH_INDEX_URL:-}" ] || torch_index=(--extra-index-url "$TORCH_INDEX_URL")
+"${PIP[@]}" install "${torch_index[@]}" "torch==$TORCH_VERSION"
 "${PIP[@]}" install numpy pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
 
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.
 "$HERE/build_horovod.sh" "$VENV"
 
-# 4. The harness itself (editable) with its test tools.
-"${PIP[@]}" install -e "$ROOT[test]"
+# 4. The harness itself (editable) with its test tools; or only its dependencies (Python >= 3.11).
+if [ "$HARNESS_INSTALL" = editable ]; then
+  "${PIP[@]}" install -e "${ROOT}[test]"
+else
+  read_deps='import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))'
+  mapfile -t deps < <("$VENV/bin/python" -c "$read_deps" "$ROOT/pyproject.toml")
+  "${PIP[@]}" install "${deps[@]}"
+fi
 
-"$VENV/bin/horovodrun" --check-build | tee /tmp/harness-check-build.txt >/dev/null
-for fw in PyTorch MPI Gloo; do
-  grep -q "\[X\] $fw" /tmp/harness-check-build.txt || die "horovodrun --check-build does not list $fw"
+check="$("$VENV/bin/horovodrun" --check-build)"
+for fw in "${CHECK_BUILD[@]}"; do
+  grep -q "\[X\] $fw" <<< "$check" || die "horovodrun --check-build does not list $fw"
 done
 echo "$want" > "$STAMP"
-log "done: $VENV/bin/harness"
+log "done: $VENV"

@@ -1,0 +1,223 @@
+"""entrypoint.sh's decisions, on this machine, with stand-ins for harness, horovodrun and nvidia-smi.
+
+Fast and needs no image; test_image.py runs the real thing inside the image.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRYPOINT = os.path.join(ROOT, "entrypoint.sh")
+
+# Each stand-in prints one line, "<name> <args>", and the launcher variables it got, into $CALLS.
+HARNESS = """\
+#!/usr/bin/env bash
+echo "harness $* rank=${HOROVOD_RANK:-}${OMPI_COMM_WORLD_RANK:-}${PMI_RANK:-}" >> "$CALLS"
+if [ -n "${RANK_SLEEPS:-}" ]; then
+  trap 'echo "rank ${HOROVOD_RANK:-0} got TERM" >> "$CALLS"; kill $sleeper; exit "${EXIT_ON_TERM:-0}"' TERM
+  sleep 60 &
+  sleeper=$!
+  echo started >> "$CALLS.started"
+  wait
+fi
+exit "${HARNESS_EXIT:-0}"
+"""
+
+# A launcher like horovodrun: runs -np copies of the command with HOROVOD_RANK set, exits with the worst.
+HOROVODRUN = """\
+#!/usr/bin/env bash
+echo "horovodrun $*" >> "$CALLS"
+trap 'echo "launcher got TERM" >> "$CALLS"' TERM
+np=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -np) np="$2"; shift 2 ;;
+    -H|-p) shift 2 ;;
+    --gloo|--mpi|--verbose) shift ;;
+    *) break ;;
+  esac
+done
+pids=()
+for ((r = 0; r < np; r++)); do HOROVOD_RANK=$r "$@" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do
+  while :; do
+    if wait "$p"; then s=0; else s=$?; fi
+    kill -0 "$p" 2>/dev/null || break
+  done
+  [ "$s" -le "$status" ] || status=$s
+done
+exit "$status"
+"""
+
+NVIDIA_SMI = """\
+#!/usr/bin/env bash
+for i in $(seq 0 $((FAKE_GPUS - 1))); do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done
+"""
+
+
+def write_script(path, text):
+    path.write_text(textwrap.dedent(text))
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A fake venv (harness, horovodrun; python = this one, for psutil), a model directory, an output."""
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    write_script(venv_bin / "harness", HARNESS)
+    write_script(venv_bin / "horovodrun", HOROVODRUN)
+    write_script(venv_bin / "python", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    gpu_bin = tmp_path / "gpu-bin"
+    gpu_bin.mkdir()
+    write_script(gpu_bin / "nvidia-smi", NVIDIA_SMI)
+    model = tmp_path / "model_def"
+    model.mkdir()
+    (model / "model_def.py").write_text("")
+    (tmp_path / "output").mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HARNESS_", "HOROVOD", "OMPI_", "PMI"))}
+    clean.update(
+        CUDA_VISIBLE_DEVICES="",  # no GPU, even on a machine with some; with_gpus() brings fake ones
+        HARNESS_VENV=str(tmp_path / "venv"),
+        HARNESS_MODEL_DEF=str(model),
+        HARNESS_OUTPUT=str(tmp_path / "output"),
+        CALLS=str(tmp_path / "calls"),
+        PATH="/usr/local/bin:/usr/bin:/bin",  # with_gpus() puts a fake nvidia-smi first
+    )
+    return {"env": clean, "tmp": tmp_path, "gpu_bin": str(gpu_bin), "model": str(model)}
+
+
+def run(env, *args, timeout=30, **extra):
+    """entrypoint.sh ARGS with the fixture's environment, changed by `extra` (None: unset)."""
+    e = {k: v for k, v in dict(env["env"], **extra).items() if v is not None}
+    proc = subprocess.run(["bash", ENTRYPOINT, *args], env=e, capture_output=True, text=True, timeout=timeout)
+    calls_file = env["tmp"] / "calls"
+    calls = calls_file.read_text().splitlines() if calls_file.exists() else []
+    return proc, calls
+
+
+def with_gpus(env, n):
+    return {
+        "PATH": env["gpu_bin"] + ":/usr/local/bin:/usr/bin:/bin",
+        "FAKE_GPUS": str(n),
+        "CUDA_VISIBLE_DEVICES": None,
+    }
+
+
+def test_help_explains_the_modes(env):
+    proc, calls = run(env, "--help")
+    assert proc.returncode == 0 and calls == ["harness --help rank="]  # harness's own options follow
+    words = ("--gpus", "HARNESS_NP", "horovodrun -np", "OMPI_COMM_WORLD_RANK", "sshd", "SIGTERM", "shm")
+    for word in words:
+        assert word in proc.stdout, word
+
+
+def test_no_gpu_one_process_without_launcher(env):
+    proc, calls = run(env)
+    assert proc.returncode == 0, proc.stderr
+    out = env["env"]["HARNESS_OUTPUT"]
+    assert calls == [f"harness {env['model']} --output {out} rank="]
+
+
+def test_harness_np_on_cpu_uses_horovodrun_and_passes_arguments_through(env):
+    proc, calls = run(env, "--config", "/x.yaml", HARNESS_NP="2")
+    assert proc.returncode == 0, proc.stderr
+    venv_harness = os.path.join(env["env"]["HARNESS_VENV"], "bin", "harness")
+    harness_args = f"{env['model']} --output {env['env']['HARNESS_OUTPUT']} --config /x.yaml"
+    assert calls[0] == f"horovodrun -np 2 -H localhost:2 {venv_harness} {harness_args}"
+    assert sorted(calls[1:]) == [f"harness {harness_args} rank={r}" for r in "01"]
+    assert "2 processes on CPU" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [(None, 4), ("0,1", 2), ("3", 1), ("", 0), ("-1", 0)],
+)
+def test_one_rank_per_visible_gpu(env, visible, expected):
+    extra = dict(with_gpus(env, 4), CUDA_VISIBLE_DEVICES=visible)
+    proc, calls = run(env, **extra)
+    assert proc.returncode == 0, proc.stderr
+    if expected > 1:
+        assert calls[0].startswith(f"horovodrun -np {expected} -H localhost:{expected} ")
+        assert f"{expected} processes on {expected} GPU(s)" in proc.stderr
+    else:
+        assert calls[0].startswith("harness ")  # one process: no launcher
+        assert len(calls) == 1
+
+
+def test_harness_np_overrides_the_gpu_count(env):
+    proc, calls = run(env, HARNESS_NP="3", **with_gpus(env, 8))
+    assert calls[0].startswith("horovodrun -np 3 -H localhost:3 ")
+
+
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK"])
+def test_inside_a_launcher_execs_harness(env, var):
+    """Started as one rank by mpirun/horovodrun (or a Kubeflow MPIJob): no second launcher."""
+    proc, calls = run(env, "--quiet", HARNESS_NP="4", **{var: "1"}, **with_gpus(env, 4))
+    assert proc.returncode == 0, proc.stderr
+    out = env["env"]["HARNESS_OUTPUT"]
+    assert calls == [f"harness {env['model']} --output {out} --quiet rank=1"]
+    assert f"inside a launcher ({var}=1)" in proc.stderr
+
+
+def test_launcher_choice_and_horovodrun_options(env):
+    proc, calls = run(env, HARNESS_NP="2", HARNESS_LAUNCHER="mpi", HOROVODRUN_ARGS="--verbose")
+    assert calls[0].startswith("horovodrun -np 2 -H localhost:2 --mpi --verbose ")
+    proc, _ = run(env, HARNESS_NP="2", HARNESS_LAUNCHER="nccl")
+    assert proc.returncode == 2 and "HARNESS_LAUNCHER=nccl" in proc.stderr
+
+
+def test_hosts_for_multi_node(env):
+    proc, calls = run(env, HARNESS_HOSTS="node1:2,node2:3")
+    assert calls[0].startswith("horovodrun -np 5 -H node1:2,node2:3 -p 2222 ")
+
+
+def test_first_argument_directory_or_command(env, tmp_path):
+    other = tmp_path / "other_def"
+    other.mkdir()
+    proc, calls = run(env, str(other), "--fresh")
+    assert calls == [f"harness {other} --output {env['env']['HARNESS_OUTPUT']} --fresh rank="]
+    proc, _ = run(env, "echo", "hello")
+    assert proc.returncode == 0 and proc.stdout == "hello\n"
+
+
+def test_bad_input_is_one_line_and_status_2(env, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc, calls = run(env, HARNESS_MODEL_DEF=str(empty))
+    assert proc.returncode == 2 and not calls
+    assert proc.stderr.startswith("entrypoint: error: nothing in ") and proc.stderr.count("\n") == 1
+    proc, _ = run(env, HARNESS_NP="zero")
+    assert proc.returncode == 2 and "HARNESS_NP=zero" in proc.stderr
+
+
+@pytest.mark.parametrize("np", ["1", "2"])
+def test_exit_status_is_the_jobs(env, np):
+    proc, _ = run(env, HARNESS_NP=np, HARNESS_EXIT="3")
+    assert proc.returncode == 3
+
+
+@pytest.mark.parametrize("np, exit_on_term", [("2", 0), ("2", 7), ("1", 0)])
+def test_sigterm_goes_to_the_ranks_not_the_launcher(env, np, exit_on_term):
+    """The ranks get SIGTERM (to checkpoint), not the launcher (it would kill them). Status: the job's."""
+    e = dict(env["env"], HARNESS_NP=np, RANK_SLEEPS="1", EXIT_ON_TERM=str(exit_on_term))
+    proc = subprocess.Popen(["bash", ENTRYPOINT], env=e, stderr=subprocess.PIPE, text=True)
+    started = env["tmp"] / "calls.started"
+    deadline = time.monotonic() + 20
+    while not (started.exists() and len(started.read_text().split()) == int(np)):
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    calls = (env["tmp"] / "calls").read_text().splitlines()
+    assert proc.returncode == exit_on_term, stderr
+    assert "SIGTERM: passing it on to the job" in stderr
+    assert len([c for c in calls if c.endswith("got TERM") and c.startswith("rank")]) == int(np)
+    assert "launcher got TERM" not in calls
