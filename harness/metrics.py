@@ -46,18 +46,16 @@ class MetricAccumulator:
             )
         for name, value in metrics.items():
             t = as_tensor(value, name, self.device, self.where)
-            if weight != 1.0:
-                t = t * weight
             prev = self.sums.get(name)
             if prev is None:
-                self.sums[name] = t.clone()
+                self.sums[name] = t * weight  # a new tensor: never aliases the user's
             elif prev.shape != t.shape:
                 raise HarnessError(
                     f"{self.where}: metric '{name}' changed shape "
                     f"from {tuple(prev.shape)} to {tuple(t.shape)}"
                 )
             else:
-                prev.add_(t)
+                prev.add_(t, alpha=weight)  # weighted without a temporary
         self.weight += weight
 
     def totals(self, backend: Any) -> Tuple[Dict[str, torch.Tensor], float]:
