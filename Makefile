@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 NP ?= 2
 OUTPUT ?= output/digits
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean bench
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,25 @@ format: setup
 
 test: setup lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+
+# The benchmark (bench/README.md): installs the `bench` extra (Lightning, py-spy) with torch pinned to the
+# installed version, then writes bench/RESULTS.md and bench/results.json (about 8 minutes on an idle
+# 2-core machine).
+bench: setup
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/bench-constraints.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[bench]' -c $(VENV)/bench-constraints.txt
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
+
+# The image (README "Docker"), with `docker build` where a Docker engine runs, else buildah. Variables go
+# to scripts/build_image.sh: FLAVOR=cpu (default gpu), IMAGE=tag, BASE_IMAGE=..., DEBIAN_BASE=1 (the CPU
+# flavor on a Debian 12 base made here from the apt mirror: no registry needed).
+.PHONY: image test-container
+image:
+	bash scripts/build_image.sh
+
+# The container tests alone (`make test` runs them too): builds the CPU image, trains a sample inside it.
+test-container: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests/container
 
 clean:
 	rm -rf $(VENV) output .pytest_cache .ruff_cache

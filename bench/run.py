@@ -1,0 +1,638 @@
+"""The benchmark: the harness against a hand-written Horovod loop, torchrun + DDP and Lightning.
+
+Same model, data, seed, global batch, number of ranks, threads per rank (cores / ranks) and number of
+training batches for every contender; each configuration is launched fresh, the contenders interleaved
+(A B C D, then the next repetition in a rotated order), and medians reported. See bench/README.md.
+
+    .venv/bin/python bench/run.py                # the full benchmark: bench/RESULTS.md, bench/results.json
+    .venv/bin/python bench/run.py --quick --out /tmp/b   # a tiny end-to-end run (the test's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BIN = os.path.dirname(os.path.abspath(sys.executable))
+sys.path.insert(0, os.path.join(HERE, "workloads"))
+import common  # noqa: E402
+
+CONTENDERS = ("harness", "horovod", "ddp", "lightning")
+LABELS = {
+    "harness": "harness (horovodrun)",
+    "horovod": "hand-written Horovod (horovodrun)",
+    "ddp": "torchrun + DDP (Gloo)",
+    "lightning": "Lightning Trainer (torchrun, DDP)",
+}
+LOG_EVERY = 100  # the harness's scheduling_unit; the loops print the loss as often
+
+# Training batches per run (global batches = optimizer steps) and the untimed warm-up at the start of them.
+# Sized so that the timed part takes a few seconds per run, and the whole of `make bench` under 10 minutes.
+FULL_BATCHES = {"conv": (400, 50), "mlp": (2500, 300)}
+QUICK_BATCHES = {"conv": (12, 4), "mlp": (30, 10)}
+
+TARGETS = {"conv": 0.97, "mlp": 0.90}  # harness / hand-written Horovod, training samples/s
+FIRST_BATCH_SLACK_S = 5.0
+VALIDATION_OVERHEAD_MAX = 0.01
+
+
+@dataclass
+class Plan:
+    workloads: List[str]
+    nps: List[int]
+    contenders: List[str]
+    reps: int
+    batches: Dict[str, Tuple[int, int]]
+    work: str
+    timeout: float
+    quiet_wait_s: float = 0.0
+    harness_src: Optional[str] = None  # import the harness from here instead of the installed one
+    retries: int = 0  # runs disturbed by other processes are repeated up to this many times
+
+
+def lightning_available() -> Optional[str]:
+    for name in ("lightning", "pytorch_lightning"):
+        try:
+            mod = __import__(name)
+            return f"{name} {mod.__version__}"
+        except ImportError:
+            continue
+    return None
+
+
+def _cpu_times() -> Tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    """The fraction of the machine's CPU time that was busy over `seconds` (0 where /proc/stat is missing)."""
+    try:
+        b0, t0 = _cpu_times()
+        time.sleep(seconds)
+        b1, t1 = _cpu_times()
+    except OSError:
+        return 0.0
+    return (b1 - b0) / max(1e-9, t1 - t0)
+
+
+class ForeignLoad:
+    """How much of the machine other processes used while a run was going: busy CPU time of the whole machine
+    minus the CPU time of our own (waited-for) child processes, as a fraction of the machine's capacity."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.fraction = 0.0
+        try:
+            self.busy0, self.total0 = _cpu_times()
+        except OSError:
+            self.busy0 = None
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.ours0 = ru.ru_utime + ru.ru_stime
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.busy0 is None:
+            return
+        busy1, total1 = _cpu_times()
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = ru.ru_utime + ru.ru_stime - self.ours0
+        self.fraction = max(0.0, (busy1 - self.busy0 - ours) / max(1e-9, total1 - self.total0))
+
+
+BUSY_THRESHOLD = 0.25
+FOREIGN_LOAD_MAX = 0.05  # a run during which other processes used more of the machine than this is repeated
+
+
+def wait_until_quiet(limit_s: float, threshold: float = BUSY_THRESHOLD) -> float:
+    """Wait (at most `limit_s`) until other work leaves the CPUs nearly idle; returns the last busy fraction.
+
+    The machine is shared (tests of other work may be running); a run that starts on a busy machine
+    measures the other work too, so the driver waits for a quiet moment and records what it found.
+    """
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = cpu_busy()
+    return busy
+
+
+def command(contender: str, workload: str, np: int, batches: int, run_dir: str) -> List[str]:
+    horovodrun = [os.path.join(BIN, "horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
+    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(np)]
+    loop_args = ["--workload", workload, "--batches", str(batches), "--log-every", str(LOG_EVERY)]
+    if contender == "harness":
+        config = os.path.join(run_dir, "experiment.yaml")
+        with open(config, "w") as f:
+            f.write(
+                f"description: bench {workload}\n"
+                f"searcher:\n  max_length: {{batches: {batches}}}\n"
+                f"scheduling_unit: {LOG_EVERY}\n"
+                f"reproducibility:\n  experiment_seed: {common.SEED}\n"
+            )
+        model_dir = os.path.join(HERE, "workloads", workload)
+        harness = [os.path.join(BIN, "harness"), model_dir, "--config", config]
+        return horovodrun + harness + ["--output", os.path.join(run_dir, "output")]
+    if contender == "horovod":
+        return horovodrun + [sys.executable, os.path.join(HERE, "hvd_loop.py"), *loop_args]
+    script = "ddp_loop.py" if contender == "ddp" else "lightning_loop.py"
+    return torchrun + [os.path.join(HERE, script), *loop_args]
+
+
+def run_one(plan: Plan, contender: str, workload: str, np: int, rep: int) -> Dict[str, Any]:
+    """Launch one configuration, wait for it, and read what its ranks wrote."""
+    batches, warmup = plan.batches[workload]
+    run_dir = os.path.join(plan.work, f"{workload}-np{np}-{contender}-rep{rep}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    probe_dir = os.path.join(run_dir, "probe")
+    cmd = command(contender, workload, np, batches, run_dir)
+    env = dict(os.environ)
+    env.update(
+        PATH=BIN + os.pathsep + env.get("PATH", ""),
+        OMP_NUM_THREADS=str(common.threads_per_rank(np)),
+        BENCH_OUT=probe_dir,
+        BENCH_WARMUP=str(warmup),
+        PYTHONUNBUFFERED="1",
+    )
+    if plan.harness_src and contender == "harness":
+        env["PYTHONPATH"] = os.pathsep.join([plan.harness_src] + [p for p in [env.get("PYTHONPATH")] if p])
+    busy_before = wait_until_quiet(plan.quiet_wait_s) if plan.quiet_wait_s > 0 else None
+    log_path = os.path.join(run_dir, "log.txt")
+    with open(log_path, "w") as log, ForeignLoad() as foreign:
+        launched = time.time()
+        env["BENCH_LAUNCH_WALL"] = repr(launched)
+        proc = subprocess.run(
+            cmd, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, timeout=plan.timeout
+        )
+        wall = time.time() - launched
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(
+            f"{contender} {workload} np={np} exited {proc.returncode}:\n{' '.join(cmd)}\n{tail}"
+        )
+    ranks = []
+    for r in range(np):
+        with open(os.path.join(probe_dir, f"rank{r}.json")) as f:
+            ranks.append(json.load(f))
+    for r in ranks:
+        if r["steps"] != batches:
+            raise RuntimeError(f"{contender} {workload} np={np}: rank {r['rank']} made {r['steps']} steps")
+    zero = ranks[0]
+    if contender == "harness":
+        # The harness is measured from outside: its validation ends when rank 0 writes the report.
+        with open(os.path.join(run_dir, "output", "metrics.jsonl")) as f:
+            val = [e for e in map(json.loads, f) if e["type"] == "validation"][-1]
+        val_end, val_metrics = val["time"], val["metrics"]
+    else:
+        val_end, val_metrics = zero["val_end_wall"], zero["validation"]
+    global_batch = common.WORKLOADS[workload].global_batch
+    return {
+        "contender": contender,
+        "workload": workload,
+        "np": np,
+        "rep": rep,
+        "samples_per_s": zero["timed_steps"] * global_batch / zero["train_seconds"],
+        "step_ms_median": zero["step_ms_median"],
+        "step_ms_p90": zero["step_ms_p90"],
+        "validation_s": val_end - zero["val_start_wall"],
+        "first_batch_s": max(r["first_step_wall"] for r in ranks) - launched,
+        "peak_rss_mib": max(r["max_rss_mib"] for r in ranks),
+        "peak_rss_mib_per_rank": [round(r["max_rss_mib"], 1) for r in ranks],
+        "torch_threads": zero["torch_threads"],
+        "wall_s": wall,
+        "cpu_busy_before": None if busy_before is None else round(busy_before, 3),
+        "foreign_load": round(foreign.fraction, 3),
+        "validation_metrics": {k: round(v, 6) for k, v in val_metrics.items() if isinstance(v, float)},
+    }
+
+
+def describe(r: Dict[str, Any]) -> str:
+    return (
+        f"{r['workload']:<4} np={r['np']}  {r['contender']:<9}  {r['samples_per_s']:9.0f} samples/s  "
+        f"validation {r['validation_s'] * 1e3:6.1f} ms  first batch {r['first_batch_s']:5.2f} s  "
+        f"rss {r['peak_rss_mib']:5.0f} MiB  (wall {r['wall_s']:.1f} s, other load {r['foreign_load']:.0%})"
+    )
+
+
+def run_all(plan: Plan, progress=print) -> List[Dict[str, Any]]:
+    """Every repetition runs every configuration with the contenders back to back, in a rotated order."""
+    results = []
+    for rep in range(plan.reps):
+        order = plan.contenders[rep % len(plan.contenders) :] + plan.contenders[: rep % len(plan.contenders)]
+        for workload in plan.workloads:
+            for np in plan.nps:
+                for contender in order:
+                    for attempt in range(1 + plan.retries):
+                        try:
+                            r = run_one(plan, contender, workload, np, rep)
+                        except RuntimeError as e:  # a crash (e.g. in a launcher's teardown): once more
+                            if attempt == plan.retries:
+                                raise
+                            progress(f"rep {rep + 1}/{plan.reps}  {str(e).splitlines()[0]}; again")
+                            continue
+                        r["attempts"] = attempt + 1
+                        disturbed = r["foreign_load"] > FOREIGN_LOAD_MAX
+                        again = "  disturbed: again" if disturbed and attempt < plan.retries else ""
+                        progress(f"rep {rep + 1}/{plan.reps}  {describe(r)}{again}")
+                        if not disturbed:
+                            break
+                    results.append(r)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summary.
+
+METRICS = ("samples_per_s", "step_ms_median", "validation_s", "first_batch_s", "peak_rss_mib", "wall_s")
+
+
+def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[Dict[str, Any]]) -> Dict:
+    def runs(c, w, np):
+        return sorted(
+            (r for r in results if (r["contender"], r["workload"], r["np"]) == (c, w, np)),
+            key=lambda r: r["rep"],
+        )
+
+    rows = []
+    for w in plan.workloads:
+        for np in plan.nps:
+            for c in plan.contenders:
+                rs = runs(c, w, np)
+                if not rs:
+                    continue
+                row = {"workload": w, "np": np, "contender": c, "reps": len(rs)}
+                for m in METRICS:
+                    row[m] = statistics.median(r[m] for r in rs)
+                    row[m + "_all"] = [round(r[m], 4) for r in rs]
+                row["torch_threads"] = rs[0]["torch_threads"]
+                row["validation_metrics"] = rs[0]["validation_metrics"]
+                row["peak_rss_mib_per_rank"] = rs[0]["peak_rss_mib_per_rank"]
+                rows.append(row)
+    for row in rows:  # ratios of medians against the hand-written loop of the same configuration
+        ref = next(
+            (
+                r
+                for r in rows
+                if (r["workload"], r["np"], r["contender"]) == (row["workload"], row["np"], "horovod")
+            ),
+            None,
+        )
+        if ref is not None:
+            row["throughput_vs_handwritten"] = row["samples_per_s"] / ref["samples_per_s"]
+            row["validation_vs_handwritten"] = row["validation_s"] / ref["validation_s"]
+            row["first_batch_minus_handwritten_s"] = row["first_batch_s"] - ref["first_batch_s"]
+
+    def row_of(w, np, c):
+        return next((r for r in rows if (r["workload"], r["np"], r["contender"]) == (w, np, c)), None)
+
+    targets = []
+
+    def target(name, value, ok, detail):
+        targets.append({"target": name, "value": value, "ok": ok, "detail": detail})
+
+    for w in plan.workloads:
+        for np in plan.nps:
+            h = row_of(w, np, "harness")
+            if h is None:
+                continue
+            ratio = h.get("throughput_vs_handwritten")
+            if ratio is not None:
+                target(
+                    f"{w} np={np}: harness / hand-written Horovod >= {TARGETS[w]:.2f}",
+                    round(ratio, 3),
+                    ratio >= TARGETS[w],
+                    "ratio of median training samples/s",
+                )
+            for other in ("ddp", "lightning"):
+                o = row_of(w, np, other)
+                if o is not None:
+                    r = h["samples_per_s"] / o["samples_per_s"]
+                    target(
+                        f"{w} np={np}: harness >= {LABELS[other]}",
+                        round(r, 3),
+                        r >= 1.0,
+                        "ratio of median training samples/s",
+                    )
+            d = h.get("first_batch_minus_handwritten_s")
+            if d is not None:
+                target(
+                    f"{w} np={np}: launch-to-first-batch <= hand-written + {FIRST_BATCH_SLACK_S:.0f} s",
+                    round(d, 2),
+                    d <= FIRST_BATCH_SLACK_S,
+                    "seconds more than the hand-written loop (difference of medians)",
+                )
+    if val_overhead is not None:
+        for w, v in val_overhead["workloads"].items():
+            target(
+                f"{w}: exact validation adds < {VALIDATION_OVERHEAD_MAX:.0%} to validation time",
+                round(v["overhead"], 4),
+                v["overhead"] < VALIDATION_OVERHEAD_MAX,
+                "weighted vs unweighted MetricAccumulator in harness.loop.validate (in-process A/B)",
+            )
+
+    scaling = {}
+    for w in plan.workloads:
+        for c in ("harness", "horovod"):
+            one, two = row_of(w, 1, c), row_of(w, 2, c)
+            if one and two:
+                speedup = two["samples_per_s"] / one["samples_per_s"]
+                scaling.setdefault(w, {})[c] = {
+                    "speedup": round(speedup, 3),
+                    "efficiency": round(speedup / 2, 3),
+                }
+    return {"rows": rows, "targets": targets, "scaling": scaling, "validation_overhead": val_overhead}
+
+
+def harness_version(plan: Plan) -> str:
+    """Which harness was measured: its folder, git commit, and whether harness/ had uncommitted changes."""
+    src = plan.harness_src or ROOT
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", "-C", src, *a], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "harness")
+    except (OSError, subprocess.CalledProcessError):
+        return src
+    return f"{src} at {head}" + (" with uncommitted changes in harness/" if dirty else "")
+
+
+def environment(plan: Plan) -> Dict[str, Any]:
+    import horovod
+    import torch
+
+    controller = "unknown"
+    try:
+        import horovod.torch as hvd
+
+        controller = "MPI (horovodrun's default here)" if hvd.mpi_built() else "Gloo"
+    except Exception:  # noqa: BLE001
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "horovod": horovod.__version__,
+        "horovod_controller": controller,
+        "lightning": lightning_available(),
+        "harness": harness_version(plan),
+        "machine": platform.machine(),
+        "batches": {w: {"total": b, "warmup": wu} for w, (b, wu) in plan.batches.items()},
+        "reps": plan.reps,
+        "workloads": {w: common.WORKLOADS[w].what for w in plan.workloads},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], findings: str) -> str:
+    out = ["# Benchmark results", ""]
+    out.append(
+        "Generated by `make bench` (`bench/run.py`); do not edit by hand: the analysis comes from "
+        "`bench/findings.md`. Numbers are medians over the repetitions of one run on one machine (the "
+        "contenders of a repetition run back to back); ratios are ratios of those medians. How it is "
+        "measured: [README.md](README.md)."
+    )
+    out.append("")
+    out.append(
+        f"Machine: {env['cpus']} CPUs ({env['machine']}), Python {env['python']}, torch {env['torch']}, "
+        f"Horovod {env['horovod']} (controller: {env['horovod_controller']}), "
+        f"{env['lightning'] or 'no Lightning'}. "
+        f"{env['reps']} repetitions, {env['date']}. Harness measured: {env['harness']}."
+    )
+    out.append("")
+    for w, what in env["workloads"].items():
+        b = env["batches"][w]
+        out.append(
+            f"- **{w}**: {what}; {b['total']} training batches per run, the first {b['warmup']} untimed; "
+            f"validation on {common.VAL_RECORDS} records, {common.VAL_BATCH} per batch and rank."
+        )
+    out.append("")
+    out += [
+        "| workload | np | contender | train samples/s | vs hand-written | median step ms | validation ms "
+        "| launch→first batch s | peak RSS / rank MiB | val accuracy |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["rows"]:
+        ratio = r.get("throughput_vs_handwritten")
+        acc = r["validation_metrics"].get("accuracy")
+        out.append(
+            f"| {r['workload']} | {r['np']} | {LABELS[r['contender']]} | {r['samples_per_s']:,.0f} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | {r['step_ms_median']:.3f} | "
+            f"{r['validation_s'] * 1e3:.1f} | "
+            f"{r['first_batch_s']:.2f} | {r['peak_rss_mib']:.0f} | {'' if acc is None else f'{acc:.4f}'} |"
+        )
+    out.append("")
+    out += ["## Targets", "", "| target | value | holds |", "|---|---:|---|"]
+    for t in summary["targets"]:
+        out.append(f"| {t['target']} | {t['value']} | {'yes' if t['ok'] else '**no**'} |")
+    out.append("")
+    if summary["scaling"]:
+        out += [
+            "## Scaling np=1 → np=2",
+            "",
+            "Speed-up = samples/s at np=2 / samples/s at np=1; efficiency = speed-up / 2. On this machine "
+            "np=1 already has every core (threads = cores / ranks), so the ideal speed-up is about 1, not 2: "
+            "compare the harness's with the hand-written loop's.",
+            "",
+            "| workload | contender | speed-up | efficiency |",
+            "|---|---|---:|---:|",
+        ]
+        for w, per in summary["scaling"].items():
+            for c, s in per.items():
+                out.append(f"| {w} | {LABELS[c]} | {s['speedup']:.3f} | {s['efficiency']:.3f} |")
+        out.append("")
+    vo = summary.get("validation_overhead")
+    if vo:
+        out += [
+            "## Cost of exact validation",
+            "",
+            "`harness.loop.validate` on one process (its one allreduce is the same either way), the real "
+            "`MetricAccumulator` weighted by each batch's records against the same loop with weight 1 per "
+            f"batch (a plain mean of batch means), interleaved, {vo['pairs']} pairs; and the weighting's own "
+            "work (`batch_records` + the weight in `MetricAccumulator.add`) timed alone, per validation "
+            "pass.",
+            "",
+            "| workload | validation ms (weighted) | plain mean ms | overhead (A/B median) "
+            "| weighting work alone |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for w, v in vo["workloads"].items():
+            out.append(
+                f"| {w} | {v['weighted_ms']:.3f} | {v['plain_ms']:.3f} | {v['overhead']:+.2%} | "
+                f"{v['direct_overhead']:+.3%} |"
+            )
+        out.append("")
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if findings:
+        out += [findings.rstrip(), ""]
+    return "\n".join(out)
+
+
+def measure_validation_overhead(plan: Plan, quick: bool) -> Dict[str, Any]:
+    """Run bench/val_overhead.py in a fresh process (threads = cores, like np=1)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(common.threads_per_rank(1)))
+    if plan.harness_src:
+        env["PYTHONPATH"] = os.pathsep.join([plan.harness_src] + [p for p in [env.get("PYTHONPATH")] if p])
+    if plan.quiet_wait_s > 0:
+        wait_until_quiet(plan.quiet_wait_s)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "val_overhead.py"), "--pairs", "10" if quick else "200"]
+        + ["--workloads", *plan.workloads],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(out.stdout)
+
+
+def read_findings() -> str:
+    path = os.path.join(HERE, "findings.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny setting (seconds): the end-to-end test's")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; --quick: 1)")
+    p.add_argument("--workloads", nargs="+", choices=sorted(common.WORKLOADS), default=None)
+    p.add_argument("--np", nargs="+", type=int, default=None, dest="nps")
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--out", default=HERE, help="where RESULTS.md and results.json go (default: bench/)")
+    p.add_argument("--work", default=None, help="where the runs write (default: a temporary folder)")
+    p.add_argument(
+        "--harness-src",
+        default=None,
+        help="import the harness from this folder (e.g. a `git worktree` of another version) for an A/B",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help="before each run wait up to this many seconds for the CPUs to be idle (default 60; --quick: 0)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help=f"repeat a run during which other processes used > {FOREIGN_LOAD_MAX:.0%} of the CPUs, "
+        "up to this many times (default 2; --quick: 0)",
+    )
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="only recompute the summary and rewrite RESULTS.md and results.json (in --out) from the runs "
+        "in an earlier results.json (e.g. after editing findings.md)",
+    )
+    args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        env = saved["environment"]
+        plan = Plan(
+            workloads=list(env["workloads"]),
+            nps=sorted({r["np"] for r in saved["runs"]}),
+            contenders=[c for c in CONTENDERS if any(r["contender"] == c for r in saved["runs"])],
+            reps=env["reps"],
+            batches={w: (b["total"], b["warmup"]) for w, b in env["batches"].items()},
+            work="",
+            timeout=0.0,
+        )
+        summary = summarize(plan, saved["runs"], saved.get("validation_overhead"))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({**saved, **summary}, f, indent=1)
+            f.write("\n")
+        with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+            f.write(markdown(summary, env, saved["notes"], read_findings()))
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the runs' folder is removed
+
+    notes = []
+    contenders = list(args.contenders)
+    if "lightning" in contenders and lightning_available() is None:
+        contenders.remove("lightning")
+        notes.append("Lightning is not installed (`pip install -e '.[bench]'`): its contender was skipped.")
+        print("bench: Lightning is not installed; skipping that contender", file=sys.stderr)
+    plan = Plan(
+        workloads=args.workloads or (["mlp"] if args.quick else ["conv", "mlp"]),
+        nps=args.nps or ([2] if args.quick else [1, 2]),
+        contenders=contenders,
+        reps=args.reps or (1 if args.quick else 3),
+        batches=QUICK_BATCHES if args.quick else FULL_BATCHES,
+        work=args.work or tempfile.mkdtemp(prefix="harness-bench-"),
+        timeout=300.0,
+        quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 60.0),
+        harness_src=os.path.abspath(args.harness_src) if args.harness_src else None,
+        retries=args.retries if args.retries is not None else (0 if args.quick else 2),
+    )
+    plan.batches = {w: plan.batches[w] for w in plan.workloads}
+    start = time.time()
+    print(
+        f"bench: {plan.reps} repetition(s) of {plan.workloads} x np {plan.nps} x {plan.contenders}; "
+        f"runs in {plan.work}"
+    )
+    try:
+        results = run_all(plan)
+    finally:
+        if args.work is None:
+            shutil.rmtree(plan.work, ignore_errors=True)
+    disturbed = [r for r in results if r["foreign_load"] > FOREIGN_LOAD_MAX]
+    retried = sum(r["attempts"] - 1 for r in results)
+    if retried or disturbed:
+        notes.append(
+            f"Other processes shared the machine: {retried} runs were repeated because other work used more "
+            f"than {FOREIGN_LOAD_MAX:.0%} of the CPUs during them; {len(disturbed)} of the {len(results)} "
+            "runs kept still had such interference (up to "
+            f"{max([r['foreign_load'] for r in disturbed] or [0]):.0%}; `foreign_load` in results.json)."
+        )
+    val_overhead = measure_validation_overhead(plan, args.quick)
+    summary = summarize(plan, results, val_overhead)
+    env = environment(plan)
+    findings = "" if args.quick else read_findings()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"environment": env, "notes": notes, **summary, "runs": results}, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(markdown(summary, env, notes, findings))
+    failed = [t for t in summary["targets"] if not t["ok"]]
+    for t in summary["targets"]:
+        print(f"{'ok  ' if t['ok'] else 'MISS'}  {t['target']}: {t['value']}")
+    print(
+        f"bench: {len(results)} runs in {time.time() - start:.0f} s; "
+        f"{len(summary['targets']) - len(failed)}/{len(summary['targets'])} targets hold; "
+        f"{os.path.join(args.out, 'RESULTS.md')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
