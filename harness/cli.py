@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model_def
     if not os.path.exists(model_dir):
         raise HarnessError(f"model definition directory {os.path.abspath(model_dir)} does not exist")
-    config_dir = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
-    cfg = config_mod.load_config(config_mod.find_config_file(config_dir, args.config))
+    cfg = config_mod.load_for_model(model_dir, args.config)
     model_def = definition.load(model_dir, cfg.entrypoint)
 
     backend = distributed.init()

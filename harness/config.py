@@ -229,3 +229,9 @@ def load_config(path: Optional[str]) -> ExperimentConfig:
     if raw is not None and not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of config keys at the top level")
     return parse_config(raw, path)
+
+
+def load_for_model(model_def: str, explicit: Optional[str] = None) -> ExperimentConfig:
+    """The config of a model definition (a folder or its main .py): `--config`, or the one beside it."""
+    directory = os.path.dirname(model_def) if os.path.isfile(model_def) else model_def
+    return load_config(find_config_file(directory, explicit))

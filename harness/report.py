@@ -12,8 +12,7 @@ from typing import Any, Dict, List, Optional, TextIO
 import numpy as np
 
 from harness.errors import say
-
-Reduced = Dict[str, Any]
+from harness.metrics import Reduced
 
 
 def _fmt(value: Any) -> str:

@@ -88,10 +88,9 @@ def launch(argv: List[str]) -> int:
 
     train_args = cli.parse_args(harness_args)
     model_dir = train_args.model_def
-    config_dir = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
     max_restarts = args.max_restarts
     if max_restarts is None:
-        max_restarts = config.load_config(config.find_config_file(config_dir, train_args.config)).max_restarts
+        max_restarts = config.load_for_model(model_dir, train_args.config).max_restarts
     state = cli.state_dir(train_args.output)
     env = dict(os.environ)
     env.setdefault("OMPI_MCA_odls_base_sigkill_timeout", "30")  # time for ranks to checkpoint on SIGTERM
