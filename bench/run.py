@@ -542,7 +542,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--retries",
         type=int,
         default=None,
-        help=f"repeat a run during which other processes used > {FOREIGN_LOAD_MAX:.0%} of the CPUs, "
+        help=f"repeat a run during which other processes used > {100 * FOREIGN_LOAD_MAX:.0f}%% of the CPUs, "
         "up to this many times (default 2; --quick: 0)",
     )
     p.add_argument(

@@ -37,8 +37,14 @@ class Checkpoint:
     trainer: Dict[str, Any]  # rng (per rank), training-metric window
 
 
-def capture_rng() -> Dict[str, Any]:
-    """This process's RNG states, as data that ``torch.load(weights_only=True)`` accepts."""
+def capture_rng(torch_only: bool = False) -> Dict[str, Any]:
+    """This process's RNG states, as data that ``torch.load(weights_only=True)`` accepts.
+
+    `torch_only`: just torch's CPU generator, all that a DataLoader's ``iter()`` draws from (cheap enough
+    to take at every epoch start).
+    """
+    if torch_only:
+        return {"torch": torch.get_rng_state()}
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -49,12 +55,15 @@ def capture_rng() -> Dict[str, Any]:
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    """Restore what `capture_rng` captured (all of it, or torch's generator alone)."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

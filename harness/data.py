@@ -154,6 +154,26 @@ def to_device(obj: Any, device: torch.device, path: str, non_blocking: bool = Fa
     )
 
 
+def batch_to_device(
+    batch: Any, device: torch.device, where: str, non_blocking: bool = False
+) -> Tuple[Any, Any]:
+    """A batch as (input, target) on `device`; `where` (e.g. "training batch 3") names it in errors."""
+    if type(batch) in (tuple, list) and len(batch) == 2:
+        inputs, labels = batch
+        if (
+            type(inputs) is torch.Tensor
+            and type(labels) is torch.Tensor
+            and inputs.device == device
+            and labels.device == device
+        ):
+            return inputs, labels  # the common case: nothing to check or convert
+    inputs, labels = split_batch(batch, where)
+    return (
+        to_device(inputs, device, f"{where} input", non_blocking),
+        to_device(labels, device, f"{where} target", non_blocking),
+    )
+
+
 def split_batch(batch: Any, where: str) -> Tuple[Any, Any]:
     """A batch must be a pair (input, target)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -179,6 +199,8 @@ def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
 
 def batch_records(inputs: Any, labels: Any, where: str) -> int:
     """The number of records in a batch: the first dimension of its first tensor."""
+    if type(labels) is torch.Tensor and labels.dim() > 0:
+        return labels.shape[0]  # the common case, checked first
     t = _first_tensor(labels)
     if t is None or t.dim() == 0:
         t = _first_tensor(inputs)

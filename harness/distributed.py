@@ -1,7 +1,8 @@
 """Horovod/MPI: init, rank info, the data-download barrier, reductions; a one-process fallback.
 
-`init()` returns a `Horovod` backend when the process runs under a launcher (horovodrun, mpirun) and a
-`Local` one otherwise, so `harness ./model_def` works without MPI and unit tests need no Horovod.
+`init()` returns a `Horovod` backend when the process runs under a launcher (horovodrun, mpirun) as one of
+several ranks, and a `Local` one otherwise, so `harness ./model_def` works without MPI and unit tests need no
+Horovod.
 """
 
 from __future__ import annotations
@@ -29,14 +30,22 @@ def env_rank() -> int:
 
 
 class Local:
-    """One process, no communication: the collectives are identities."""
+    """One process, no communication: the collectives are identities.
+
+    Also the backend of a launcher's single rank: Horovod is initialised (for user code that asks it), but
+    a collective would only wait for its background thread's next cycle (~1 ms), and hvd's optimizer
+    wrapper only adds work per step, so neither is used.
+    """
 
     rank = 0
     size = 1
     local_rank = 0
     local_size = 1
     cross_rank = 0
-    controller = "none"
+
+    def __init__(self, controller: str = "none", hvd: Any = None):
+        self.controller = controller
+        self._hvd = hvd
 
     def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -65,7 +74,8 @@ class Local:
         return bool(handle)
 
     def shutdown(self) -> None:
-        pass
+        if self._hvd is not None:
+            self._hvd.shutdown()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -130,8 +140,6 @@ class Horovod:
 
     def start_any(self, flag: bool) -> Any:
         """Start agreeing on "did any rank raise `flag`?"; it overlaps with the batch's computation."""
-        if self.size == 1:  # nothing to agree on; a collective would wait for Horovod's next cycle
-            return flag
         return self.hvd.allreduce_async(torch.tensor([float(flag)]), op=self.hvd.Sum, name="harness.any")
 
     def finish_any(self, handle: Any) -> bool:
@@ -147,8 +155,11 @@ Backend = Any  # Local | Horovod
 
 
 def init() -> Backend:
-    """Start Horovod when a launcher started us; otherwise run as one local process."""
-    return Horovod() if under_launcher() else Local()
+    """Start Horovod when a launcher started us; run as one local process when there is only one rank."""
+    if not under_launcher():
+        return Local()
+    backend = Horovod()
+    return backend if backend.size > 1 else Local(backend.controller, backend.hvd)
 
 
 def set_threads(backend: Backend) -> None:

@@ -5,7 +5,6 @@ Read `train` top to bottom: set-up, then the epoch loop with its report and vali
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import socket
@@ -21,16 +20,10 @@ import yaml
 from harness import checkpoint
 from harness import trial as trial_api
 from harness.config import ExperimentConfig
-from harness.data import (
-    batch_records,
-    shard_training_loader,
-    shard_validation_loader,
-    split_batch,
-    to_device,
-)
+from harness.data import batch_records, batch_to_device, shard_training_loader, shard_validation_loader
 from harness.definition import ModelDefinition, positional_arity, user_frame
 from harness.errors import HarnessError, say
-from harness.metrics import MetricAccumulator, first_nonfinite
+from harness.metrics import MetricAccumulator, first_nonfinite, means
 from harness.preemption import StopRequest
 from harness.report import Reporter
 
@@ -45,11 +38,18 @@ class Progress:
     batch_in_epoch: int = 0
     batches_per_epoch: int = 1
     loss_log_start: int = 0  # batch number before the first entry of loss_log
-    loss_log: List[torch.Tensor] = field(default_factory=list)  # losses since the last report (NaN check)
+    # This rank's losses since the last report, on the device: the "loss" metric is summed from it at the
+    # report (one stack instead of a kernel per batch), and a NaN is located in it.
+    loss_log: List[torch.Tensor] = field(default_factory=list)
 
     @property
     def epoch(self) -> float:
         return self.batches / self.batches_per_epoch
+
+    def losses_counted(self) -> None:
+        """loss_log has gone into the training metrics: start the next window."""
+        self.loss_log.clear()
+        self.loss_log_start = self.batches
 
     def saved(self) -> Dict[str, int]:
         return {
@@ -141,6 +141,8 @@ def train(
         )
     ckpt_ctx = _CheckpointContext(output_dir, config, backend, model, optimizer, train_metrics, progress)
     non_blocking = device.type == "cuda"
+    # Other training metrics than the loss cost an accumulation per batch: only when there are any.
+    extra_metrics = type(trial).training_metrics is not trial_api.PyTorchTrial.training_metrics
     if progress.batches >= total:
         reporter.log(f"already trained {progress.batches} of {total} batches; nothing to do")
 
@@ -150,7 +152,7 @@ def train(
         sampler.skip = progress.batch_in_epoch * per_rank_batch  # mid-epoch resume: skip what was trained
         if rng_resume is not None:
             checkpoint.restore_rng(rng_resume["epoch_start"])  # so that iter() draws what it drew before
-        ckpt_ctx.epoch_rng = checkpoint.capture_rng()
+        ckpt_ctx.epoch_rng = checkpoint.capture_rng(torch_only=True)
         batches = iter(train_loader)
         if rng_resume is not None:
             checkpoint.restore_rng(rng_resume["now"])
@@ -161,22 +163,21 @@ def train(
         for batch in batches:
             stop_vote = backend.start_any(stop.requested)  # settled after the step; overlaps the batch
             where = f"training batch {progress.batches + 1}"
-            inputs, labels = split_batch(batch, where)
-            inputs = to_device(inputs, device, f"{where} input", non_blocking)
-            labels = to_device(labels, device, f"{where} target", non_blocking)
+            inputs, labels = batch_to_device(batch, device, where, non_blocking)
 
+            optimizer.zero_grad()
             predictions = model(inputs)
             losses = trial.losses(predictions, labels)
             loss = _loss_tensor(losses, where)
-            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
             # Harness duties: metrics stay on the device until the next report.
-            with torch.no_grad():
-                extra = trial.training_metrics(predictions, labels, losses)
-                train_metrics.add({**(extra or {}), **_loss_metrics(losses, loss)})
             progress.loss_log.append(loss.detach())
+            if extra_metrics or isinstance(losses, dict):
+                with torch.no_grad():
+                    extra = trial.training_metrics(predictions, labels, losses) if extra_metrics else {}
+                    train_metrics.add({**(extra or {}), **_other_losses(losses)})
             records = batch_records(inputs, labels, where) * backend.size
             progress.batches += 1
             progress.batch_in_epoch += 1
@@ -224,9 +225,7 @@ def validate(
     with torch.no_grad():
         for i, batch in enumerate(loader):
             where = f"validation batch {i + 1} of rank {backend.rank}"
-            inputs, labels = split_batch(batch, where)
-            inputs = to_device(inputs, device, f"{where} input")
-            labels = to_device(labels, device, f"{where} target")
+            inputs, labels = batch_to_device(batch, device, where)
             predictions = model(inputs)
             losses = trial.losses(predictions, labels)
             metrics.add(
@@ -254,14 +253,15 @@ class _CheckpointContext:
         backend, progress = self.backend, self.progress
         # Every rank's RNG (now and at the start of this epoch) and the partial training-metric window.
         rngs = backend.allgather_object({"now": checkpoint.capture_rng(), "epoch_start": self.epoch_rng})
-        sums, weight = self.train_metrics.totals(backend)
+        sums, weights = _training_totals(self.train_metrics, progress, backend)
+        bad = [n for n, t in sums.items() if not bool(torch.isfinite(t).all())]
+        if bad:  # every rank has the same totals, so every rank stops here
+            raise HarnessError(
+                f"training metric '{bad[0]}' is not finite at batch {progress.batches}; not checkpointing"
+            )
         path = None
         if backend.rank == 0:
-            self.train_metrics.load(sums, weight)  # counted once, on rank 0, as after a resume
-            if any(not bool(torch.isfinite(t).all()) for t in sums.values()):
-                raise HarnessError(
-                    f"a training metric is not finite at batch {progress.batches}; not checkpointing"
-                )
+            self.train_metrics.load(sums, weights)  # counted once, on rank 0, as after a resume
             cfg = self.config
             state = {
                 "progress": progress.saved(),
@@ -272,7 +272,7 @@ class _CheckpointContext:
                 "config": cfg.as_dict(),
                 "time": time.time(),
             }
-            trainer = {"rng": rngs, "window": [sums, weight]}
+            trainer = {"rng": rngs, "window": [sums, weights]}
             root = os.path.join(self.output_dir, "checkpoints")
             path = checkpoint.save(
                 root, progress.batches, state, self.model.state_dict(), self.optimizer.state_dict(), trainer
@@ -308,20 +308,32 @@ def _every(length: Any, progress: Progress, global_batch: int) -> Optional[int]:
 
 
 def _report_training(acc: MetricAccumulator, progress: Progress, reporter: Reporter, backend: Any) -> None:
-    metrics = acc.reduce(backend)
-    if not math.isfinite(metrics["loss"]):
-        # Every rank sees the same reduced loss, so all take this branch; find the first bad batch anywhere.
+    sums, weights = _training_totals(acc, progress, backend)
+    reporter.report("training", progress.batches, progress.epoch, progress.records, means(sums, weights))
+
+
+def _training_totals(
+    acc: MetricAccumulator, progress: Progress, backend: Any
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+    """The training metrics' sums and weights over all ranks (with the losses of loss_log); clears both.
+
+    A non-finite loss stops every rank (they all see the same totals) naming the first bad batch anywhere.
+    """
+    acc.add_values("loss", progress.loss_log)
+    sums, weights = acc.totals(backend)
+    if "loss" in sums and not bool(torch.isfinite(sums["loss"]).all()):
         local = first_nonfinite(progress.loss_log)
         index = progress.loss_log_start + local + 1 if local is not None else sys.maxsize
         first = int(backend.allreduce_min(torch.tensor([index], dtype=torch.int64)).item())
         raise HarnessError(f"the loss is not finite (NaN or inf) at training batch {first}; stopping")
-    progress.loss_log.clear()
-    progress.loss_log_start = progress.batches
-    reporter.report("training", progress.batches, progress.epoch, progress.records, metrics)
+    progress.losses_counted()
+    return sums, weights
 
 
 def _loss_tensor(losses: Any, where: str) -> torch.Tensor:
     """The tensor to minimise: `losses` itself or its "loss" entry; it must be a scalar."""
+    if type(losses) is torch.Tensor and losses.dim() == 0:
+        return losses  # the common case, checked first
     loss = losses
     if isinstance(losses, dict):
         if "loss" not in losses:
@@ -336,13 +348,14 @@ def _loss_tensor(losses: Any, where: str) -> torch.Tensor:
             f"losses() returned a loss of shape {tuple(loss.shape)} at {where}; "
             "expected a scalar (reduce it, e.g. with .mean())"
         )
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())  # a reshape would add an autograd node
 
 
-def _loss_metrics(losses: Any, loss: torch.Tensor) -> Dict[str, Any]:
+def _other_losses(losses: Any) -> Dict[str, Any]:
+    """The entries of a dict of losses besides "loss" (which is counted from loss_log): training metrics."""
     if isinstance(losses, dict):
-        return {**losses, "loss": loss}
-    return {"loss": loss}
+        return {k: v for k, v in losses.items() if k != "loss"}
+    return {}
 
 
 def _check_searcher_metric(config: ExperimentConfig, metrics: Dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,15 +29,16 @@ def as_tensor(value: Any, name: str, device: torch.device, where: str) -> torch.
 class MetricAccumulator:
     """Weighted sums of metrics, kept on the device; `reduce` makes one allreduce for all of them.
 
-    Training metrics are added with weight 1 per batch (a mean over batches and ranks); validation metrics
-    with the batch's number of records, which makes the result the exact mean over the whole data set.
+    Each metric has its own weight. Training metrics are added with weight 1 per batch (a mean over the
+    batches and ranks that reported them); validation metrics with the batch's number of records, which
+    makes the result the exact mean over the whole data set.
     """
 
     def __init__(self, device: torch.device, where: str):
         self.device = device
         self.where = where
         self.sums: Dict[str, torch.Tensor] = {}
-        self.weight = 0.0
+        self.weights: Dict[str, float] = {}
 
     def add(self, metrics: Dict[str, Any], weight: float = 1.0) -> None:
         if not isinstance(metrics, dict):
@@ -49,6 +50,7 @@ class MetricAccumulator:
             prev = self.sums.get(name)
             if prev is None:
                 self.sums[name] = t * weight  # a new tensor: never aliases the user's
+                self.weights[name] = weight
             elif prev.shape != t.shape:
                 raise HarnessError(
                     f"{self.where}: metric '{name}' changed shape "
@@ -56,35 +58,59 @@ class MetricAccumulator:
                 )
             else:
                 prev.add_(t, alpha=weight)  # weighted without a temporary
-        self.weight += weight
+                self.weights[name] += weight
 
-    def totals(self, backend: Any) -> Tuple[Dict[str, torch.Tensor], float]:
-        """The sums and the weight over every rank, undivided (for a checkpoint); clears this rank's."""
+    def add_values(self, name: str, values: List[torch.Tensor]) -> None:
+        """Add per-batch scalars (weight 1 each) at once: one stack and one sum, not a kernel per batch."""
+        if not values:
+            return
+        total = torch.stack(values).sum(dtype=torch.float64).to(self.device)
+        prev = self.sums.get(name)
+        if prev is None:
+            self.sums[name] = total
+            self.weights[name] = 0.0
+        else:
+            prev.add_(total)
+        self.weights[name] += len(values)
+
+    def totals(self, backend: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """The sums and weights over every rank, undivided (for a checkpoint); clears this rank's."""
         names = sorted(self.sums)
         parts = [self.sums[n].reshape(-1) for n in names]
-        weight = torch.tensor([self.weight], dtype=torch.float64, device=self.device)
-        flat = backend.allreduce_sum(torch.cat(parts + [weight])).cpu()
+        # The weights travel in the same buffer (one allreduce); the trailing 0 keeps it non-empty.
+        weights = torch.tensor([self.weights[n] for n in names] + [0.0], dtype=torch.float64)
+        flat = backend.allreduce_sum(torch.cat(parts + [weights.to(self.device)])).cpu()
         sums, offset = {}, 0
         for n, p in zip(names, parts):
             sums[n] = flat[offset : offset + p.numel()].reshape(self.sums[n].shape).clone()
             offset += p.numel()
+        reduced = {n: float(w) for n, w in zip(names, flat[offset:].tolist())}
         self.sums.clear()
-        self.weight = 0.0
-        return sums, float(flat[-1].item())
+        self.weights.clear()
+        return sums, reduced
 
-    def load(self, sums: Dict[str, torch.Tensor], weight: float) -> None:
-        """Start from totals saved by `totals` (on one rank only, so that they are counted once)."""
+    def load(self, sums: Dict[str, torch.Tensor], weights: Union[Dict[str, float], float]) -> None:
+        """Start from totals saved by `totals` (on one rank only, so that they are counted once).
+
+        `weights` may be one number for all metrics (checkpoints written before per-metric weights).
+        """
+        if not isinstance(weights, dict):
+            weights = {n: float(weights) for n in sums}
         self.sums = {n: t.to(self.device, torch.float64).clone() for n, t in sums.items()}
-        self.weight = weight
+        self.weights = {n: float(weights[n]) for n in sums}
 
     def reduce(self, backend: Any) -> Reduced:
         """The weighted means over every rank, as Python numbers (nested lists for non-scalars)."""
-        sums, total = self.totals(backend)
-        out: Reduced = {}
-        for n, value in sums.items():
-            value = value / total
-            out[n] = value.item() if value.dim() == 0 else value.tolist()
-        return out
+        return means(*self.totals(backend))
+
+
+def means(sums: Dict[str, torch.Tensor], weights: Dict[str, float]) -> Reduced:
+    """sum / weight per metric, as Python numbers (nested lists for non-scalars)."""
+    out: Reduced = {}
+    for n, value in sums.items():
+        value = value / weights[n]
+        out[n] = value.item() if value.dim() == 0 else value.tolist()
+    return out
 
 
 def first_nonfinite(values: List[torch.Tensor]) -> Optional[int]:

@@ -61,6 +61,16 @@ def test_rng_round_trip():
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]
 
 
+def test_torch_only_rng_restores_torch_and_leaves_the_others():
+    state = checkpoint.capture_rng(torch_only=True)
+    assert set(state) == {"torch"}
+    first = torch.rand(3)
+    np_before = np.random.rand()  # numpy moves on and must not be rewound
+    checkpoint.restore_rng(state)
+    assert torch.equal(torch.rand(3), first)
+    assert np.random.rand() != np_before
+
+
 def test_corrupt_checkpoint_is_skipped_and_previous_used(model_dir, tmp_path, capsys):
     write_model_def(model_dir, config=CONFIG)
     train(model_dir, tmp_path)

@@ -11,6 +11,7 @@ import harness
 from harness.data import (
     ShardSampler,
     batch_records,
+    batch_to_device,
     shard_training_loader,
     shard_validation_loader,
     split_batch,
@@ -69,6 +70,18 @@ def test_to_device_accepts_numeric_dtypes(dtype):
 def test_to_device_keeps_a_cpu_tensor():
     t = torch.arange(4)
     assert to_device(t, CPU, "input") is t
+
+
+def test_batch_to_device_passes_a_tensor_pair_through():
+    x, y = torch.zeros(4, 2), torch.arange(4)
+    inputs, labels = batch_to_device([x, y], CPU, "training batch 1")
+    assert inputs is x and labels is y
+    inputs, labels = batch_to_device((np.zeros(2), {"k": y}), CPU, "training batch 1")
+    assert isinstance(inputs, torch.Tensor) and labels["k"] is y
+    with pytest.raises(HarnessError, match="training batch 7 target is a str"):
+        batch_to_device((x, "oops"), CPU, "training batch 7")
+    with pytest.raises(HarnessError, match="training batch 7 is a tuple of length 3"):
+        batch_to_device((x, y, y), CPU, "training batch 7")
 
 
 def test_to_device_keeps_nested_structure():

@@ -201,3 +201,46 @@ def test_hyperparameter_lookup_error(model_dir, tmp_path):
     assert "hyperparameter 'bs' is not in the config's hyperparameters (have: batch)" in error_of(
         model_dir, tmp_path
     )
+
+
+# Training metrics: the loss is summed from the per-batch log at each report; other metrics per batch.
+RECORDING_MODEL_DEF = (
+    GOOD_MODEL_DEF.replace("import harness", "import harness\nSEEN = []")
+    .replace(
+        "        return nn.functional.cross_entropy(predictions, labels)\n",
+        "        loss = nn.functional.cross_entropy(predictions, labels)\n"
+        "        SEEN.append({'loss': loss.item(), 'aux': 2 * loss.item()})\n"
+        "        return LOSSES\n",
+    )
+    .replace('return {"loss": losses, "accuracy"', 'return {"accuracy"')
+)
+
+
+@pytest.mark.parametrize(
+    "losses, extra",
+    [
+        ("loss", ""),
+        ("{'loss': loss, 'aux': 2 * loss}", ""),
+        (
+            "loss",
+            "\n    def training_metrics(self, predictions, labels, losses):\n"
+            "        SEEN[-1]['extra'] = SEEN[-1]['loss'] + 1\n"
+            "        return {'extra': losses.detach() + 1}\n",
+        ),
+    ],
+    ids=["tensor", "dict", "training_metrics"],
+)
+def test_training_metrics_are_means_over_the_report_window(model_dir, tmp_path, losses, extra):
+    # Checkpoints every 2 batches split the 3-batch report windows: the checkpoint folds the window so far.
+    cfg = GOOD_CONFIG.replace("{batches: 6}", "{batches: 9}") + "min_checkpoint_period: {batches: 2}\n"
+    write_model_def(model_dir, model_def=RECORDING_MODEL_DEF.replace("LOSSES", losses) + extra, config=cfg)
+    train_local(model_dir, tmp_path / "out")
+    seen = __import__("sys").modules["model_def"].SEEN
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    training = [e for e in lines if e["type"] == "training"]
+    assert [e["batches"] for e in training] == [3, 6, 9]
+    for e in training:
+        window = seen[e["batches"] - 3 : e["batches"]]
+        assert set(e["metrics"]) == set(window[0]) & ({"loss"} | set(losses.split("'")) | {"extra"})
+        for name, value in e["metrics"].items():
+            assert value == pytest.approx(sum(b[name] for b in window) / 3, rel=1e-6)

@@ -133,12 +133,40 @@ def test_metric_changing_shape_raises(first, second):
     assert str(tuple(np.shape(second))) in msg
 
 
+def test_add_values_sums_a_list_of_batch_scalars():
+    acc = accumulator("losses()")
+    acc.add_values("loss", [torch.tensor(1.0), torch.tensor(2.0)])
+    acc.add_values("loss", [])
+    acc.add_values("loss", [torch.tensor(6.0, dtype=torch.float16)])
+    acc.add({"other": 4.0}, weight=1)
+    sums, weights = acc.totals(Local())
+    assert sums["loss"].dtype == torch.float64 and float(sums["loss"]) == 9.0
+    assert weights == {"loss": 3.0, "other": 1.0}
+
+
+def test_each_metric_has_its_own_weight():
+    # A metric reported in fewer batches (a dict of losses with an extra entry now and then) is the mean
+    # over the batches that reported it.
+    acc = accumulator("training_metrics()")
+    acc.add({"loss": 1.0, "rare": 10.0})
+    acc.add({"loss": 3.0})
+    assert acc.reduce(Local()) == {"loss": pytest.approx(2.0), "rare": pytest.approx(10.0)}
+
+
+def test_load_accepts_one_weight_for_all_metrics():
+    # Checkpoints written before per-metric weights saved [sums, weight].
+    acc = accumulator("training_metrics()")
+    acc.load({"loss": torch.tensor(6.0, dtype=torch.float64), "acc": torch.tensor(1.5)}, 3.0)
+    acc.add({"loss": 2.0, "acc": 0.5})
+    assert acc.reduce(Local()) == {"loss": pytest.approx(2.0), "acc": pytest.approx(0.5)}
+
+
 def test_reduce_clears_state():
     acc = accumulator()
     acc.add({"a": 10.0, "b": 1.0}, weight=5)
     assert acc.reduce(Local()) == pytest.approx({"a": 10.0, "b": 1.0})
     assert acc.sums == {}
-    assert acc.weight == 0.0
+    assert acc.weights == {}
     acc.add({"a": 2.0}, weight=1)
     acc.add({"a": 4.0}, weight=1)
     assert acc.reduce(Local()) == pytest.approx({"a": 3.0})  # no trace of the first window, nor of 'b'
