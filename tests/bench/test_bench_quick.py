@@ -66,3 +66,14 @@ def test_bench_quick_runs_every_contender(tmp_path):
     for label in ("harness (horovodrun)", "hand-written Horovod", "torchrun + DDP"):
         assert label in md
     print(f"bench --quick took {took:.0f} s")
+
+
+def test_bench_help_lists_the_options():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--contenders" in proc.stdout and "--harness-src" in proc.stdout
