@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -67,11 +67,11 @@ class Local:
     def broadcast_model(self, model: torch.nn.Module) -> None:
         pass
 
-    def start_any(self, flag: bool) -> Any:
-        return flag
+    def start_vote(self, stop: bool, interval: int) -> Any:
+        return stop, interval
 
-    def finish_any(self, handle: Any) -> bool:
-        return bool(handle)
+    def finish_vote(self, handle: Any) -> Tuple[bool, int]:
+        return handle[0], 1  # a vote costs nothing here: at every batch
 
     def shutdown(self) -> None:
         if self._hvd is not None:
@@ -138,14 +138,16 @@ class Horovod:
         # broadcast by the loop.
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    def start_any(self, flag: bool) -> Any:
-        """Start agreeing on "did any rank raise `flag`?"; it overlaps with the batch's computation."""
-        return self.hvd.allreduce_async(torch.tensor([float(flag)]), op=self.hvd.Sum, name="harness.any")
+    def start_vote(self, stop: bool, interval: int) -> Any:
+        """Start agreeing on "does any rank want to stop?" and on the batches until the next vote (each rank
+        proposes an interval); it overlaps with the batch's computation."""
+        vote = torch.tensor([int(stop), interval], dtype=torch.int64)  # integers: every rank sums alike
+        return self.hvd.allreduce_async(vote, op=self.hvd.Sum, name="harness.vote")
 
-    def finish_any(self, handle: Any) -> bool:
-        if isinstance(handle, bool):
-            return handle
-        return bool(self.hvd.synchronize(handle).item() > 0)
+    def finish_vote(self, handle: Any) -> Tuple[bool, int]:
+        """(any rank wants to stop, the mean proposed interval): the same on every rank."""
+        stops, intervals = self.hvd.synchronize(handle).tolist()
+        return stops > 0, max(1, intervals // self.size)
 
     def shutdown(self) -> None:
         self.hvd.shutdown()

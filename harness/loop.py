@@ -140,6 +140,7 @@ def train(
             f"resuming from {resumed['path']} at batch {progress.batches} (epoch {progress.epoch:.2f})"
         )
     ckpt_ctx = _CheckpointContext(output_dir, config, backend, model, optimizer, train_metrics, progress)
+    votes = _StopVotes(backend, progress.batches)
     non_blocking = device.type == "cuda"
     # Other training metrics than the loss cost an accumulation per batch: only when there are any.
     extra_metrics = type(trial).training_metrics is not trial_api.PyTorchTrial.training_metrics
@@ -161,7 +162,7 @@ def train(
             config.scheduling_unit - progress.batches % config.scheduling_unit, global_batch
         )
         for batch in batches:
-            stop_vote = backend.start_any(stop.requested)  # settled after the step; overlaps the batch
+            vote = votes.start(progress.batches, stop.requested)  # settled after the step; overlaps it
             where = f"training batch {progress.batches + 1}"
             inputs, labels = batch_to_device(batch, device, where, non_blocking)
 
@@ -194,7 +195,7 @@ def train(
                 reporter.report(
                     "validation", progress.batches, progress.epoch, progress.records, last_validation
                 )
-            stopping = backend.finish_any(stop_vote)
+            stopping = votes.finish(vote, progress.batches)
             if done or stopping or (checkpoint_every and progress.batches % checkpoint_every == 0):
                 path = ckpt_ctx.save(last_validation)
                 if stopping:
@@ -234,6 +235,42 @@ def validate(
             )
     model.train()
     return metrics.reduce(backend)
+
+
+class _StopVotes:
+    """Agreeing on a stop (SIGTERM/SIGUSR1 reach ranks at different times; all must stop at one batch).
+
+    A vote is a one-number allreduce that overlaps a batch. Voting at every batch would cost a collective per
+    batch, which shows on fast steps; instead each vote also fixes the batch of the next one, so that votes
+    are about VOTE_SECONDS apart (every batch once batches take longer than that).
+    """
+
+    VOTE_SECONDS = 0.05
+
+    def __init__(self, backend: Any, batches: int):
+        self.backend = backend
+        self.next_at = batches + 1  # global batch number that carries the next vote
+        self.last = (batches, time.perf_counter())  # (batches done, time) at the last vote's start
+
+    def start(self, batches: int, stop: bool) -> Any:
+        """Start a vote if batch `batches + 1` carries one (None otherwise)."""
+        if batches + 1 < self.next_at:
+            return None
+        now, (before, then) = time.perf_counter(), self.last
+        self.last = (batches, now)
+        interval = 1  # until a batch has been timed
+        if batches > before:
+            step_s = (now - then) / (batches - before)
+            interval = int(min(1000, max(1, self.VOTE_SECONDS / max(step_s, 1e-6))))
+        return self.backend.start_vote(stop, interval)
+
+    def finish(self, handle: Any, batches: int) -> bool:
+        """After batch `batches`: whether every rank stops here."""
+        if handle is None:
+            return False
+        stopping, interval = self.backend.finish_vote(handle)
+        self.next_at = batches + interval
+        return stopping
 
 
 @dataclass

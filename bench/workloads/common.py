@@ -221,6 +221,8 @@ class Probe:
             "torch_threads": torch.get_num_threads(),
             **self.extra,
         }
+        if os.environ.get("BENCH_STEP_TIMES"):  # every step's duration, for profiling (bench/README.md)
+            result["step_ms"] = [(b - a) * 1e3 for a, b in zip(ends, ends[1:])]
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(self.out, f"rank{rank}.json")
         with open(path + ".tmp", "w") as f:

@@ -1,0 +1,131 @@
+"""What the harness's training loop costs per batch: ``harness.loop.train`` against the plain loop, one process.
+
+Both run in the same process (same imports, threads and allocator), A/B interleaved, on a bench workload:
+
+- harness: ``harness.loop.train`` with the one-process backend, as ``harness ./model_def`` runs it, reporting
+  every ``--report-every`` batches (metrics.jsonl, TensorBoard, a console line) and validating at the end;
+- plain:   the hand-written loop's body (DistributedSampler, zero_grad/forward/backward/step, ``loss.item()``
+  every ``--report-every`` batches), without Horovod, which one process does not need.
+
+The probe of ``workloads/common.py`` stamps every optimizer step in both. Prints, per variant, the median of
+the per-pair median step times (the steady per-batch cost) and of the mean step times (which also carries the
+reports and epoch starts), and the harness / plain ratios. No launcher, no Horovod: use it to find per-batch
+Python overhead; ``bench/run.py`` measures the real thing.
+
+    .venv/bin/python bench/loop_overhead.py --workload mlp --batches 4000 --pairs 7
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+os.environ.setdefault("BENCH_OUT", tempfile.mkdtemp(prefix="loop-overhead-"))  # arms the probe's hooks
+os.environ["BENCH_WARMUP"] = os.environ.get("BENCH_WARMUP", "300")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "workloads"))
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from harness import config as config_mod  # noqa: E402
+from harness import definition, distributed, loop  # noqa: E402
+
+PROBE = common.PROBE
+
+
+def _reset_probe() -> None:
+    PROBE.armed, PROBE.steps, PROBE.step_ends = False, 0, []
+    PROBE.warm_t = PROBE.last_t = None
+
+
+def _step_times() -> tuple:
+    """(median, mean) step time in seconds after the warm-up."""
+    ends = PROBE.step_ends[PROBE.warmup - 1 :]
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    return statistics.median(steps), (ends[-1] - ends[0]) / len(steps)
+
+
+def harness_run(model_def, config_path: str, output: str) -> tuple:
+    _reset_probe()
+    cfg = config_mod.load_config(config_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        loop.train(model_def, cfg, output, distributed.Local(), fresh=True)
+    return _step_times()
+
+
+def plain_run(workload: str, batches: int, report_every: int) -> tuple:
+    _reset_probe()
+    torch.manual_seed(common.SEED)
+    train_set, _ = common.datasets()
+    sampler = torch.utils.data.DistributedSampler(
+        train_set, num_replicas=1, rank=0, shuffle=True, seed=common.SEED
+    )
+    w = common.WORKLOADS[workload]
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=w.global_batch, sampler=sampler, drop_last=True
+    )
+    model = common.build_model(workload)
+    optimizer = common.build_optimizer(workload, model)
+    model.train()
+    step, epoch = 0, 0
+    while step < batches:
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % report_every == 0:
+                print(f"batch {step} loss {loss.item():.4f}", file=io.StringIO())
+            if step >= batches:
+                break
+        epoch += 1
+    return _step_times()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=sorted(common.WORKLOADS), default="mlp")
+    p.add_argument("--batches", type=int, default=4000)
+    p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--report-every", type=int, default=100)
+    args = p.parse_args()
+    if args.batches <= PROBE.warmup + 1:
+        p.error(f"--batches must exceed the warm-up of {PROBE.warmup}")
+    torch.set_num_threads(common.threads_per_rank(1))
+    work = tempfile.mkdtemp(prefix="loop-overhead-")
+    config_path = os.path.join(work, "experiment.yaml")
+    with open(config_path, "w") as f:
+        f.write(
+            f"searcher:\n  max_length: {{batches: {args.batches}}}\n"
+            f"scheduling_unit: {args.report_every}\nreproducibility:\n  experiment_seed: {common.SEED}\n"
+        )
+    model_def = definition.load(os.path.join(HERE, "workloads", args.workload))
+    output = os.path.join(work, "output")
+    runs = {"harness": [], "plain": []}
+    for i in range(args.pairs):
+        order = ("harness", "plain") if i % 2 == 0 else ("plain", "harness")
+        for name in order:
+            if name == "harness":
+                runs[name].append(harness_run(model_def, config_path, output))
+            else:
+                runs[name].append(plain_run(args.workload, args.batches, args.report_every))
+    PROBE.out = None  # nothing to write at exit
+    result = {"workload": args.workload, "batches": args.batches, "pairs": args.pairs}
+    for name, values in runs.items():
+        result[f"{name}_median_step_us"] = statistics.median(v[0] for v in values) * 1e6
+        result[f"{name}_mean_step_us"] = statistics.median(v[1] for v in values) * 1e6
+    pairs = list(zip(runs["harness"], runs["plain"]))
+    result["median_step_ratio"] = statistics.median(h[0] / q[0] for h, q in pairs)
+    result["mean_step_ratio"] = statistics.median(h[1] / q[1] for h, q in pairs)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
