@@ -42,7 +42,7 @@ LOG_EVERY = 100  # the harness's scheduling_unit; the loops print the loss as of
 
 # Training batches per run (global batches = optimizer steps) and the untimed warm-up at the start of them.
 # Sized so that the timed part takes a few seconds per run, and the whole of `make bench` under 10 minutes.
-FULL_BATCHES = {"conv": (400, 50), "mlp": (2500, 300)}
+FULL_BATCHES = {"conv": (1200, 50), "mlp": (5000, 300)}  # long enough to average over short bursts
 QUICK_BATCHES = {"conv": (12, 4), "mlp": (30, 10)}
 
 TARGETS = {"conv": 0.97, "mlp": 0.90}  # harness / hand-written Horovod, training samples/s
@@ -535,7 +535,7 @@ def read_findings() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny setting (seconds): the end-to-end test's")
-    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; --quick: 1)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 5; --quick: 1)")
     p.add_argument("--workloads", nargs="+", choices=sorted(common.WORKLOADS), default=None)
     p.add_argument("--np", nargs="+", type=int, default=None, dest="nps")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
@@ -599,7 +599,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         workloads=args.workloads or (["mlp"] if args.quick else ["conv", "mlp"]),
         nps=args.nps or ([2] if args.quick else [1, 2]),
         contenders=contenders,
-        reps=args.reps or (1 if args.quick else 3),
+        reps=args.reps or (1 if args.quick else 5),
         batches=QUICK_BATCHES if args.quick else FULL_BATCHES,
         work=args.work or tempfile.mkdtemp(prefix="harness-bench-"),
         timeout=300.0,
