@@ -1,4 +1,4 @@
-"""What the harness's training loop costs per batch: ``harness.loop.train`` against the plain loop, one process.
+"""What the training loop costs per batch: ``harness.loop.train`` against the plain loop, in one process.
 
 Both run in the same process (same imports, threads and allocator), A/B interleaved, on a bench workload:
 
