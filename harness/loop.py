@@ -240,9 +240,9 @@ def validate(
 class _StopVotes:
     """Agreeing on a stop (SIGTERM/SIGUSR1 reach ranks at different times; all must stop at one batch).
 
-    A vote is a one-number allreduce that overlaps a batch. Voting at every batch would cost a collective per
-    batch, which shows on fast steps; instead each vote also fixes the batch of the next one, so that votes
-    are about VOTE_SECONDS apart (every batch once batches take longer than that).
+    A vote is a two-number allreduce (stop?, proposed interval) that overlaps a batch. Voting at every batch
+    would cost a collective per batch, which shows on fast steps; instead each vote also fixes the batch of
+    the next one, so that votes are about VOTE_SECONDS apart (every batch once batches take longer).
     """
 
     VOTE_SECONDS = 0.05

@@ -1,0 +1,47 @@
+"""The harness model definition of every bench workload: workloads/<w>/model_def.py names the workload.
+
+The model, optimizer and data live in common.py (shared with the other contenders); this module only adds
+what the harness asks of a model definition: a PyTorchTrial and make_data_loaders.
+"""
+
+from typing import Any, Dict, Tuple, Type
+
+import common
+import torch
+from torch import nn
+
+import harness
+
+common.PROBE.install()
+
+
+def trial_class(workload: str) -> Type[harness.PyTorchTrial]:
+    """The PyTorchTrial that trains `workload` (a key of common.WORKLOADS)."""
+
+    class BenchTrial(harness.PyTorchTrial):
+        def build_model(self, hparams: Dict[str, Any]) -> nn.Module:
+            return common.build_model(workload)
+
+        def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+            return common.build_optimizer(workload, model)
+
+        def batch_size(self) -> int:
+            return common.WORKLOADS[workload].global_batch
+
+        def losses(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(predictions, labels)
+
+        def validation_metrics(self, predictions, labels, losses) -> Dict[str, Any]:
+            return {"loss": losses, "accuracy": (predictions.argmax(1) == labels).float().mean()}
+
+    return BenchTrial
+
+
+def make_data_loaders(experiment_config: Dict[str, Any], hparams: Dict[str, Any]) -> Tuple[Any, Any]:
+    """The digits data, in memory (scikit-learn ships it: nothing to download)."""
+    train_set, val_set = common.datasets()
+    # The harness replaces the training batch size with batch_size() / ranks and shards both loaders.
+    return (
+        harness.DataLoader(train_set, batch_size=1, shuffle=True, drop_last=True),
+        harness.DataLoader(val_set, batch_size=common.VAL_BATCH),
+    )
