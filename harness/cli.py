@@ -11,7 +11,7 @@ import time
 import traceback
 from typing import List, Optional
 
-from harness.errors import HarnessError, say
+from harness.errors import HarnessError, PeerFailure, say
 
 USAGE_EPILOG = """\
 launch:
@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(model_dir):
         raise HarnessError(f"model definition directory {os.path.abspath(model_dir)} does not exist")
     cfg = config_mod.load_for_model(model_dir, args.config)
+    if distributed.env_rank() == 0:  # every rank loads the config; say it once
+        for line in cfg.warnings:
+            say(f"harness: warning: {line}", sys.stderr)
     model_def = definition.load(model_dir, cfg.entrypoint)
 
     backend = distributed.init()
@@ -116,6 +119,8 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
 
 
 def _is_collective_failure(e: BaseException) -> bool:
+    if isinstance(e, PeerFailure):
+        return True
     name = type(e).__name__
     return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
 

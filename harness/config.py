@@ -2,15 +2,19 @@
 
 Key names follow Determined's experiment config. To add a key, add a field to the dataclass it belongs in:
 `_build` validates types, rejects unknown keys and fills defaults from the field definitions.
+PEDL-era configs load unchanged: steps (`max_steps`, integer periods) are converted with
+`batches_per_step`, and keys that only meant something on the cluster are ignored with one warning.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -19,13 +23,45 @@ from harness.errors import HarnessError
 LENGTH_UNITS = ("batches", "epochs", "records")
 CONFIG_FILE_NAMES = ("experiment.yaml", "const.yaml")
 
-# Determined keys that make sense only on a Determined cluster: say so instead of "unknown key".
-_CLUSTER_ONLY_KEYS = {
-    "resources": "the number of ranks comes from the launcher (horovodrun -np N)",
-    "environment": "the environment is this machine or the container image",
-    "bind_mounts": "mount volumes with your container runtime",
-    "optimizations": "not supported",
+CHECKPOINT_POLICIES = ("best", "all", "none")
+SEARCHERS = ("single", "random", "grid", "adaptive", "adaptive_simple", "adaptive_asha", "pbt", "custom")
+HPARAM_SEARCH_TYPES = ("int", "double", "log", "categorical")
+_STEP_PERIOD_KEYS = ("min_validation_period", "min_checkpoint_period")
+_STEPS = "steps"  # parse-time unit of an integer period, converted to batches once batches_per_step is known
+
+_SEARCH_ADVICE = (
+    "is a hyperparameter search, which this harness cannot run yet; to train one trial, use "
+    "searcher.name: single with one value per hyperparameter ({type: const, val: ...} or a plain value)"
+)
+
+# PEDL/Determined keys that only meant something on the cluster. They are accepted (a PEDL config loads
+# unchanged) and listed in one warning with the reason; the value is why the key is ignored here.
+_CLUSTER_KEYS: Dict[str, str] = {
+    "resources": "ranks come from the launcher",
+    "environment": "this machine's environment is used",
+    "bind_mounts": "mount volumes yourself",
+    "data_layer": "data is read directly",
+    "tensorboard_storage": "TensorBoard files go to --output",
+    **dict.fromkeys(("security", "internal", "debug", "profiling"), "cluster-only"),
+    **dict.fromkeys(("labels", "workspace", "project"), "cluster bookkeeping"),
+    "perform_initial_validation": "validation follows min_validation_period",
+    "records_per_epoch": "the epoch length comes from the data loader",
 }
+_CLUSTER_SUBKEYS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "checkpoint_storage": (
+        ("type", "host_path", "storage_path", "container_path", "propagation", "bucket", "access_key")
+        + ("secret_key", "endpoint_url", "prefix", "hdfs_url", "hdfs_path", "user", "save_experiment_best"),
+        "checkpoints go to --output",
+    ),
+    "searcher": (("source_trial_id", "source_checkpoint_uuid"), "start from a checkpoint with --resume"),
+}
+# Determined keys this harness does not support (yet): an error, not silently different training.
+_REFUSED_KEYS = {"optimizations": "not supported yet"}
+
+# Field metadata: "internal" fields are set by parse_config, never read from YAML nor written by as_dict;
+# "input_only" fields are read from YAML but folded into others, so as_dict leaves them out.
+_INTERNAL = {"internal": True}
+_INPUT_ONLY = {"input_only": True}
 
 
 @dataclass(frozen=True)
@@ -53,6 +89,7 @@ class SearcherConfig:
     metric: Optional[str] = None
     smaller_is_better: bool = True
     max_length: Length = field(default_factory=lambda: Length("epochs", 1))
+    max_steps: Optional[int] = field(default=None, metadata=_INPUT_ONLY)  # PEDL: × batches_per_step
 
 
 @dataclass
@@ -72,25 +109,43 @@ class ExperimentConfig:
     name: str = ""
     hyperparameters: Dict[str, Any] = field(default_factory=dict)
     searcher: SearcherConfig = field(default_factory=SearcherConfig)
-    min_validation_period: Optional[Length] = None
-    scheduling_unit: int = 100
+    min_validation_period: Optional[Length] = None  # an integer counts steps (PEDL)
+    batches_per_step: int = 100  # PEDL's step: the unit of max_steps and of integer periods
+    scheduling_unit: int = 100  # batches per report; defaults to batches_per_step
     reproducibility: ReproducibilityConfig = field(default_factory=ReproducibilityConfig)
     data: Dict[str, Any] = field(default_factory=dict)
     entrypoint: Optional[str] = None
-    min_checkpoint_period: Optional[Length] = None
+    min_checkpoint_period: Optional[Length] = None  # an integer counts steps (PEDL)
     checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
+    checkpoint_policy: str = "best"  # extra checkpoints after validations: best | all | none
     max_restarts: int = 5  # used by `harness launch`
+    # Set by parse_config. Equality means "trains the same", so what was ignored and said about it is
+    # left out of it; slots_per_trial is not (the loop checks it against the launcher's ranks).
+    slots_per_trial: Optional[int] = field(default=None, metadata=_INTERNAL)  # resources.slots_per_trial
+    warnings: List[str] = field(default_factory=list, compare=False, metadata=_INTERNAL)
+    ignored: Dict[str, Any] = field(default_factory=dict, compare=False, metadata=_INTERNAL)
 
     def as_dict(self) -> Dict[str, Any]:
-        """The effective config as plain data (Determined's shape), e.g. to hand to user functions."""
-        return _to_plain(self)
+        """The effective config as plain data (Determined's shape), e.g. to hand to user functions.
+
+        Ignored top-level sections are included verbatim: PEDL code may read ``config["resources"]``.
+        """
+        plain = _to_plain(self)
+        plain.update({k: copy.deepcopy(v) for k, v in self.ignored.items() if "." not in k})
+        return plain
+
+
+def _schema_fields(tp: Any) -> List[dataclasses.Field]:
+    """The fields a YAML config may set."""
+    return [f for f in dataclasses.fields(tp) if not f.metadata.get("internal")]
 
 
 def _to_plain(obj: Any) -> Any:
     if isinstance(obj, Length):
         return obj.as_dict()
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        fields = [f for f in _schema_fields(obj) if not f.metadata.get("input_only")]
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields}
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
     return obj
@@ -101,6 +156,10 @@ def _type_name(t: Any) -> str:
 
 
 def _build_length(value: Any, key: str) -> Length:
+    if key in _STEP_PERIOD_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise HarnessError(f"config key '{key}': expected a positive number of steps, got {value}")
+        return Length(_STEPS, value)
     if not (isinstance(value, dict) and len(value) == 1):
         raise HarnessError(
             f"config key '{key}': expected one of {{batches|epochs|records: N}}, got {value!r}"
@@ -125,16 +184,14 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise HarnessError(f"config key '{key}': expected a mapping, got {value!r}")
         hints = typing.get_type_hints(tp)
-        known = {f.name for f in dataclasses.fields(tp)}
+        known = {f.name for f in _schema_fields(tp)}
         for k in value:
             if k not in known:
                 where = f"{key}.{k}" if key else str(k)
-                hint = _CLUSTER_ONLY_KEYS.get(where)
-                if hint:
-                    raise HarnessError(
-                        f"config key '{where}' is a Determined cluster setting: {hint}; remove it"
-                    )
-                raise HarnessError(f"unknown config key '{where}' (known: {', '.join(sorted(known))})")
+                if where in _REFUSED_KEYS:
+                    raise HarnessError(f"config key '{where}': {_REFUSED_KEYS[where]}; remove it")
+                hint = _did_you_mean(k, key, known)
+                raise HarnessError(f"unknown config key '{where}' (known: {', '.join(sorted(known))}){hint}")
         kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
         return tp(**kwargs)
     if origin is dict or tp is dict:
@@ -150,17 +207,27 @@ def _build(tp: Any, value: Any, key: str) -> Any:
     raise AssertionError(f"unsupported schema type {tp} for {key}")
 
 
+def _did_you_mean(name: Any, section: str, known: Any) -> str:
+    """A typo of a schema key or of an ignored cluster key (`resorces`) gets a suggestion."""
+    candidates = set(known)
+    if not section:
+        candidates |= set(_CLUSTER_KEYS) | set(_REFUSED_KEYS)
+    candidates |= set(_CLUSTER_SUBKEYS.get(section, ((), ""))[0])
+    close = difflib.get_close_matches(str(name), sorted(candidates), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _resolve_hyperparameters(hparams: Dict[str, Any], prefix: str = "hyperparameters") -> Dict[str, Any]:
     """Accept plain values and Determined's ``{type: const, val: x}``, in nested groups too."""
     out: Dict[str, Any] = {}
     for name, spec in hparams.items():
         key = f"{prefix}.{name}"
         if isinstance(spec, dict) and "type" in spec:
+            if spec["type"] in HPARAM_SEARCH_TYPES:
+                raise HarnessError(f"config key '{key}': type '{spec['type']}' {_SEARCH_ADVICE}")
             if spec["type"] != "const":
-                raise HarnessError(
-                    f"config key '{key}': type '{spec['type']}' needs a hyperparameter search; "
-                    "this harness trains one trial, use {type: const, val: ...} or a plain value"
-                )
+                known = ", ".join(("const",) + HPARAM_SEARCH_TYPES)
+                raise HarnessError(f"config key '{key}': unknown type {spec['type']!r} (known: {known})")
             if "val" not in spec:
                 raise HarnessError(f"config key '{key}': a const hyperparameter needs 'val'")
             out[name] = spec["val"]
@@ -171,34 +238,130 @@ def _resolve_hyperparameters(hparams: Dict[str, Any], prefix: str = "hyperparame
     return out
 
 
+def _refuse_search(raw: Dict[str, Any]) -> None:
+    """Say what to run instead, before a search searcher's own keys (max_trials...) read as unknown."""
+    searcher = raw.get("searcher")
+    name = searcher.get("name", "single") if isinstance(searcher, dict) else "single"
+    if name == "single" or not isinstance(name, str):
+        return  # a non-string name gets _build's type error
+    if name in SEARCHERS:
+        raise HarnessError(f"config key 'searcher.name': '{name}' {_SEARCH_ADVICE}")
+    raise HarnessError(f"config key 'searcher.name': unknown searcher {name!r}; use single")
+
+
+def _split_ignored(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Take the cluster keys out of `raw` (not modified): (the rest, ignored values by dotted key)."""
+    rest = dict(raw)
+    ignored: Dict[str, Any] = {}
+    for key in raw:
+        if key in _CLUSTER_KEYS:
+            ignored[key] = rest.pop(key)
+        elif key in _CLUSTER_SUBKEYS and isinstance(raw[key], dict):
+            subkeys, _ = _CLUSTER_SUBKEYS[key]
+            section = rest[key] = dict(raw[key])
+            for sub in raw[key]:
+                if sub in subkeys:
+                    ignored[f"{key}.{sub}"] = section.pop(sub)
+    return rest, ignored
+
+
+def _ignored_warning(ignored: Dict[str, Any]) -> str:
+    """``resources (why), checkpoint_storage.type/host_path (why)``: keys grouped by their reason."""
+    by_reason: Dict[str, List[str]] = {}
+    for dotted in ignored:
+        section, _, sub = dotted.partition(".")
+        reason = _CLUSTER_SUBKEYS[section][1] if sub else _CLUSTER_KEYS[section]
+        by_reason.setdefault(reason, []).append(dotted)
+    parts = []
+    for reason, keys in by_reason.items():
+        names: List[str] = []
+        previous = None
+        for dotted in keys:  # name a section once: checkpoint_storage.type/host_path
+            section, _, sub = dotted.partition(".")
+            names.append(sub if sub and section == previous else dotted)
+            previous = section if sub else None
+        parts.append(f"{'/'.join(names)} ({reason})")
+    return "ignoring cluster settings: " + ", ".join(parts)
+
+
+def _slots_per_trial(resources: Any) -> Optional[int]:
+    """resources.slots_per_trial, which the loop checks against the number of ranks."""
+    if resources is None:
+        return None
+    if not isinstance(resources, dict):
+        raise HarnessError(f"config key 'resources': expected a mapping, got {resources!r}")
+    slots = resources.get("slots_per_trial")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 0):
+        raise HarnessError(f"config key 'resources.slots_per_trial': expected an integer >= 0, got {slots!r}")
+    return slots
+
+
+def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:
+    """PEDL counted in steps of `batches_per_step` batches: convert to batches; default scheduling_unit."""
+    bps = cfg.batches_per_step
+    if bps <= 0:
+        raise HarnessError(f"config key 'batches_per_step': expected a positive integer, got {bps}")
+    if "scheduling_unit" not in raw:
+        cfg.scheduling_unit = bps  # report every step, as PEDL did
+    for key in _STEP_PERIOD_KEYS:
+        period = getattr(cfg, key)
+        if period is not None and period.unit == _STEPS:
+            setattr(cfg, key, Length("batches", period.value * bps))
+    steps = cfg.searcher.max_steps
+    if steps is not None:
+        if "max_length" in raw.get("searcher", {}):
+            raise HarnessError(
+                "config keys 'searcher.max_steps' and 'searcher.max_length' both give the training length; "
+                "keep one"
+            )
+        if steps <= 0:
+            raise HarnessError(f"config key 'searcher.max_steps': expected a positive integer, got {steps}")
+        cfg.searcher.max_length = Length("batches", steps * bps)
+        cfg.searcher.max_steps = None  # folded into max_length, the one effective length
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    if cfg.scheduling_unit <= 0:
+        raise HarnessError("config key 'scheduling_unit': expected a positive integer")
+    for key, value in [
+        ("max_restarts", cfg.max_restarts),
+        ("checkpoint_storage.save_trial_latest", cfg.checkpoint_storage.save_trial_latest),
+        ("checkpoint_storage.save_trial_best", cfg.checkpoint_storage.save_trial_best),
+    ]:
+        if value < 0:
+            raise HarnessError(f"config key '{key}': expected a non-negative integer")
+    if cfg.checkpoint_storage.save_trial_latest < 1:
+        raise HarnessError(
+            "config key 'checkpoint_storage.save_trial_latest': keep at least 1 (resume needs it)"
+        )
+    if cfg.checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise HarnessError(
+            f"config key 'checkpoint_policy': expected one of {', '.join(CHECKPOINT_POLICIES)}, "
+            f"got {cfg.checkpoint_policy!r}"
+        )
+    if cfg.entrypoint is not None and ":" not in cfg.entrypoint:
+        raise HarnessError(f"config key 'entrypoint': expected 'module:Class', got {cfg.entrypoint!r}")
+
+
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
-    """Validate a parsed YAML document; errors name `source` and the key."""
+    """Validate a parsed YAML document; errors name `source` and the key, warnings go to `cfg.warnings`."""
     if raw is None:
         raw = {}
     try:
-        cfg = _build(ExperimentConfig, raw, "")
-        if cfg.scheduling_unit <= 0:
-            raise HarnessError("config key 'scheduling_unit': expected a positive integer")
-        for key, value in [
-            ("max_restarts", cfg.max_restarts),
-            ("checkpoint_storage.save_trial_latest", cfg.checkpoint_storage.save_trial_latest),
-            ("checkpoint_storage.save_trial_best", cfg.checkpoint_storage.save_trial_best),
-        ]:
-            if value < 0:
-                raise HarnessError(f"config key '{key}': expected a non-negative integer")
-        if cfg.checkpoint_storage.save_trial_latest < 1:
-            raise HarnessError(
-                "config key 'checkpoint_storage.save_trial_latest': keep at least 1 (resume needs it)"
-            )
-        if cfg.searcher.name != "single":
-            raise HarnessError(
-                f"config key 'searcher.name': '{cfg.searcher.name}' is a search; this harness runs 'single'"
-            )
-        if cfg.entrypoint is not None and ":" not in cfg.entrypoint:
-            raise HarnessError(f"config key 'entrypoint': expected 'module:Class', got {cfg.entrypoint!r}")
+        if not isinstance(raw, dict):
+            raise HarnessError(f"expected a mapping of config keys at the top level, got {raw!r}")
+        _refuse_search(raw)
+        rest, ignored = _split_ignored(raw)
+        cfg = _build(ExperimentConfig, rest, "")
+        _resolve_steps(cfg, rest)
+        _validate(cfg)
         cfg.hyperparameters = _resolve_hyperparameters(cfg.hyperparameters)
+        cfg.slots_per_trial = _slots_per_trial(ignored.get("resources"))
     except HarnessError as e:
         raise HarnessError(f"{source}: {e}") from None
+    cfg.ignored = ignored
+    if ignored:
+        cfg.warnings = [f"{source}: {_ignored_warning(ignored)}"]
     return cfg
 
 

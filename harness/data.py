@@ -184,14 +184,14 @@ def split_batch(batch: Any, where: str) -> Tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
+def first_tensor(obj: Any) -> Optional[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return obj
     values: List[Any] = (
         list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else []
     )
     for v in values:
-        t = _first_tensor(v)
+        t = first_tensor(v)
         if t is not None:
             return t
     return None
@@ -201,9 +201,9 @@ def batch_records(inputs: Any, labels: Any, where: str) -> int:
     """The number of records in a batch: the first dimension of its first tensor."""
     if type(labels) is torch.Tensor and labels.dim() > 0:
         return labels.shape[0]  # the common case, checked first
-    t = _first_tensor(labels)
+    t = first_tensor(labels)
     if t is None or t.dim() == 0:
-        t = _first_tensor(inputs)
+        t = first_tensor(inputs)
     if t is None or t.dim() == 0:
         raise HarnessError(f"{where} holds no tensor with a batch dimension")
     return int(t.shape[0])

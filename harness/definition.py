@@ -5,14 +5,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Type
 
+from harness.adapters import api_of
 from harness.errors import HarnessError
-from harness.trial import REQUIRED_METHODS, PyTorchTrial
+from harness.trial import PyTorchTrial
 
 MAIN_MODULE = "model_def"
 DATA_MODULE = "data"
@@ -45,9 +47,27 @@ def _import(directory: str, name: str) -> ModuleType:
         return importlib.import_module(name)
     except SyntaxError as e:
         raise HarnessError(f"syntax error in {e.filename}:{e.lineno}: {e.msg}") from None
+    except ImportError as e:
+        where = user_frame(e.__traceback__, directory) or path
+        raise HarnessError(_import_error_message(e, path, where)) from None
     except Exception as e:  # noqa: BLE001 - any error while importing user code is reported the same way
         where = user_frame(e.__traceback__, directory) or path
         raise HarnessError(f"cannot import {path}: {type(e).__name__}: {e} (at {where})") from None
+
+
+def _import_error_message(e: ImportError, path: str, where: str) -> str:
+    """An ImportError in user code; a name of PEDL's that the `pedl` package lacks is named as such."""
+    module = e.name or ""
+    if module == "pedl" or module.startswith("pedl."):
+        import pedl
+
+        missing = re.search(r"cannot import name '([^']+)'", str(e))
+        name = f"{module}.{missing.group(1)}" if missing else module
+        return (
+            f"{where}: imports {name}, which this harness's pedl package does not provide "
+            f"(it provides {pedl.supported_list()})"
+        )
+    return f"cannot import {path}: {type(e).__name__}: {e} (at {where})"
 
 
 def _module_file_exists(directory: str, name: str) -> bool:
@@ -81,13 +101,9 @@ def _find_trial(module: ModuleType, class_name: Optional[str]) -> Type[PyTorchTr
     return candidates[0]
 
 
-def check_trial_class(cls: Type[PyTorchTrial]) -> None:
-    """Every required method must be defined (PyTorchTrial's abstract ones do not count)."""
-    src = inspect.getsourcefile(cls) or cls.__module__
-    for name in REQUIRED_METHODS:
-        method = getattr(cls, name, None)
-        if method is None or getattr(method, "__isabstractmethod__", False):
-            raise HarnessError(f"{src}: class {cls.__name__} does not define the required method {name}()")
+def check_trial_class(cls: Type[PyTorchTrial]) -> str:
+    """The trial API the class completes; else one error naming, per API, what is missing."""
+    return api_of(cls)
 
 
 def _find_function(modules: Dict[str, ModuleType], name: str) -> Optional[Callable[..., Any]]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, List, Optional, Tuple
+import threading
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+
+from harness.errors import PeerFailure
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -154,6 +157,52 @@ class Horovod:
 
 
 Backend = Any  # Local | Horovod
+
+# While rank 0 works alone, the ranks meet in a small allreduce this often: no collective stays pending
+# long enough for Horovod's stall warning (HOROVOD_STALL_CHECK_TIME_SECONDS, 60 s by default).
+HEARTBEAT_SECONDS = 2.0
+
+
+def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only while the other ranks wait; every rank returns its result.
+
+    Rank 0 runs `fn` in its main thread and a heartbeat thread beside it; the other ranks repeat the
+    heartbeat allreduce until rank 0 contributes "done", then receive the result by broadcast. If `fn`
+    raises, rank 0 re-raises it and the others raise `PeerFailure` naming it.
+    """
+    if backend.size == 1:
+        return fn()
+    if backend.rank != 0:
+        while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
+            pass
+        status, value = backend.broadcast_object(None)
+        if status == "error":
+            raise PeerFailure(f"rank 0 failed while working alone: {value}")
+        return value
+
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while True:
+            finished = done.wait(HEARTBEAT_SECONDS)
+            backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
+            if finished:
+                return
+
+    beat = threading.Thread(target=heartbeat, name="harness-heartbeat", daemon=True)
+    beat.start()
+    error: Optional[BaseException] = None
+    try:
+        outcome = ("ok", fn())
+    except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+        error, outcome = e, ("error", f"{type(e).__name__}: {e}")
+    finally:
+        done.set()
+        beat.join()
+    backend.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return outcome[1]
 
 
 def init() -> Backend:

@@ -14,6 +14,10 @@ class HarnessError(Exception):
     exit_code = 2
 
 
+class PeerFailure(Exception):
+    """This rank stops because another rank failed (and reports that failure itself)."""
+
+
 def say(line: str, stream: Optional[TextIO] = None) -> None:
     """Print one line in a single write, so that launchers tagging output ([1,0]<stdout>:) keep it whole."""
     stream = stream or sys.stdout

@@ -1,4 +1,15 @@
-"""The user-facing API: `PyTorchTrial`, `get_hyperparameter`, `get_download_data_dir`."""
+"""The user-facing API: `PyTorchTrial` (both PEDL trial APIs), `get_hyperparameter` and its neighbours.
+
+A trial class uses one of two APIs, told apart by the methods it defines:
+
+- PEDL's first API: ``losses(predictions, labels)`` and ``validation_metrics(predictions, labels, losses)``
+  (optionally ``training_metrics``); the harness runs the forward pass, ``model(input)``.
+- PEDL's later API: ``train_batch(batch, model, epoch_idx, batch_idx)`` and ``evaluate_batch(batch, model)``
+  or ``evaluate_full_dataset(data_loader, model)``; the trial runs the forward pass itself.
+
+Both need ``build_model`` and ``optimizer``; ``batch_size()`` and ``create_lr_scheduler(optimizer)`` are
+optional. `harness.adapters` turns either API into the one interface the training loop calls.
+"""
 
 from __future__ import annotations
 
@@ -10,68 +21,143 @@ from torch import nn
 
 from harness.errors import HarnessError
 
-# The running trial's hyperparameters and download directory, set by the harness before user code runs.
-_hparams: Dict[str, Any] = {}
-_download_data_dir: Optional[str] = None
-
 Metrics = Dict[str, Any]  # name -> Tensor, ndarray or Python number (scalars or arrays)
 
 
-class PyTorchTrial(abc.ABC):
-    """Subclass this in ``model_def.py`` to define what to train.
+def _optional(fn: Any) -> Any:
+    """Mark a PyTorchTrial method as a placeholder: a subclass 'defines' it only by overriding it."""
+    fn.__harness_placeholder__ = True
+    return fn
 
-    The harness calls, on every rank: ``build_model``, ``optimizer``, then for every batch ``losses`` and
-    (optionally) ``training_metrics``; during validation ``losses`` and ``validation_metrics``.
+
+def defines(cls: type, name: str) -> bool:
+    """Whether trial class `cls` (or a base of its own) implements method `name`."""
+    method = getattr(cls, name, None)
+    return (
+        method is not None
+        and not getattr(method, "__harness_placeholder__", False)
+        and not getattr(method, "__isabstractmethod__", False)
+    )
+
+
+class PyTorchTrial(abc.ABC):
+    """Subclass this in ``model_def.py`` to define what to train (module docstring: the two APIs).
+
     PEDL's older signatures ``build_model(self)`` and ``optimizer(self, model, hparams)`` are accepted too.
     """
 
     @abc.abstractmethod
     def build_model(self, hparams: Dict[str, Any]) -> nn.Module:
-        """Return the model. Its ``forward`` gets a batch's input as one argument, whatever its structure."""
-
-    @abc.abstractmethod
-    def losses(self, predictions: Any, labels: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Return a scalar loss tensor, or a dict of losses whose key ``"loss"`` is the one to minimise."""
+        """Return the model. (First API: its ``forward`` gets a batch's input as one argument.)"""
 
     @abc.abstractmethod
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Return the optimizer; the harness wraps it in ``hvd.DistributedOptimizer``."""
 
-    @abc.abstractmethod
+    @_optional
     def batch_size(self) -> int:
-        """The *global* training batch size; each of N ranks takes ``batch_size() / N`` records."""
+        """The *global* training batch; without it: hyperparameter global_batch_size or batch_size."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
+    @_optional
+    def create_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Optional: ``LRScheduler(torch_scheduler, step_mode=...)``; the harness steps and saves it."""
+        raise NotImplementedError
+
+    # PEDL's first API ----------------------------------------------------------------------------------
+
+    @_optional
+    def losses(self, predictions: Any, labels: Any) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Return a scalar loss tensor, or a dict of losses whose key ``"loss"`` is the one to minimise."""
+        raise NotImplementedError
+
+    @_optional
     def validation_metrics(self, predictions: Any, labels: Any, losses: Any) -> Metrics:
         """Metrics of one validation batch; the harness averages them over the whole validation set."""
+        raise NotImplementedError
 
     def training_metrics(self, predictions: Any, labels: Any, losses: Any) -> Metrics:
         """Optional metrics of one training batch, reported beside the losses."""
         return {}
 
+    # PEDL's later API ----------------------------------------------------------------------------------
 
-REQUIRED_METHODS = tuple(sorted(PyTorchTrial.__abstractmethods__))
+    @_optional
+    def train_batch(
+        self, batch: Any, model: nn.Module, epoch_idx: int, batch_idx: int
+    ) -> Union[torch.Tensor, Dict[str, Any]]:
+        """Compute the loss of one batch: a scalar tensor, or a dict whose ``"loss"`` is minimised (the
+        other entries are training metrics). The harness zeroes the gradients before, and runs backward
+        and the optimizer step after. `batch_idx` counts global batches since training began (0-based);
+        `epoch_idx` is the epoch that batch is in."""
+        raise NotImplementedError
+
+    @_optional
+    def evaluate_batch(self, batch: Any, model: nn.Module) -> Metrics:
+        """Metrics of one validation batch (weighted by its records, as ``validation_metrics``)."""
+        raise NotImplementedError
+
+    @_optional
+    def evaluate_full_dataset(self, data_loader: Any, model: nn.Module) -> Metrics:
+        """Metrics over the whole validation set, computed by rank 0 on the complete (unsharded) loader."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the running trial can ask for anywhere: set by the harness before user code runs.
+
+_context: Dict[str, Any] = {"hparams": {}, "download_data_dir": None, "config": {}, "seed": None}
 
 
 def get_hyperparameter(name: str) -> Any:
     """The value of hyperparameter `name` from the experiment config."""
+    hparams = _context["hparams"]
     try:
-        return _hparams[name]
+        return hparams[name]
     except KeyError:
-        have = ", ".join(sorted(_hparams)) or "none"
+        have = ", ".join(sorted(hparams)) or "none"
         raise HarnessError(
             f"hyperparameter '{name}' is not in the config's hyperparameters (have: {have})"
         ) from None
 
 
+def get_hyperparameters() -> Dict[str, Any]:
+    """Every hyperparameter of the running trial (a copy)."""
+    return dict(_context["hparams"])
+
+
+def get_experiment_config() -> Dict[str, Any]:
+    """The effective experiment config, as plain data (what OUTPUT/config.yaml holds)."""
+    return _context["config"]
+
+
+def get_data_config() -> Dict[str, Any]:
+    """The config's free-form ``data`` section."""
+    return _context["config"].get("data") or {}
+
+
+def get_trial_seed() -> int:
+    """The seed of this trial (the experiment seed, drawn at start unless the config fixes it)."""
+    if _context["seed"] is None:
+        raise HarnessError("get_trial_seed() called before the harness started the trial")
+    return int(_context["seed"])
+
+
 def get_download_data_dir() -> str:
     """The directory that ``download_data`` returned on this machine."""
-    if _download_data_dir is None:
+    if _context["download_data_dir"] is None:
         raise HarnessError("get_download_data_dir() called, but the model definition has no download_data()")
-    return _download_data_dir
+    return _context["download_data_dir"]
 
 
-def _set_context(hparams: Dict[str, Any], download_data_dir: Optional[str]) -> None:
-    global _hparams, _download_data_dir
-    _hparams = dict(hparams)
-    _download_data_dir = download_data_dir
+def _set_context(
+    hparams: Dict[str, Any],
+    download_data_dir: Optional[str],
+    config: Optional[Dict[str, Any]] = None,
+    seed: Optional[int] = None,
+) -> None:
+    _context.update(hparams=dict(hparams), download_data_dir=download_data_dir)
+    if config is not None:
+        _context["config"] = config
+    if seed is not None:
+        _context["seed"] = seed

@@ -126,7 +126,15 @@ def test_non_const_hyperparameter_is_rejected_naming_the_key(spec, kind):
     msg = str(e.value)
     assert msg.startswith("exp.yaml: ")
     assert "'hyperparameters.learning_rate'" in msg
-    assert kind in msg
+    assert f"'{kind}' is a hyperparameter search, which this harness cannot run yet" in msg
+    assert "use searcher.name: single with one value per hyperparameter" in msg
+
+
+def test_unknown_hyperparameter_type_lists_the_types():
+    with pytest.raises(
+        HarnessError, match=r"'hyperparameters\.lr': unknown type 'float' \(known: const, int"
+    ):
+        parse_config({"hyperparameters": {"lr": {"type": "float", "val": 1}}})
 
 
 def test_nested_hyperparameter_groups_are_resolved():
@@ -178,19 +186,119 @@ def test_unknown_nested_key_lists_the_known_keys_of_its_section():
         assert known in msg
 
 
-@pytest.mark.parametrize("key", ["resources", "environment", "bind_mounts", "optimizations"])
-def test_cluster_only_keys_get_their_own_message(key):
+@pytest.mark.parametrize(
+    "raw,dotted",
+    [
+        ({"resources": {"slots_per_trial": 2}}, "resources"),
+        ({"environment": {"image": "pedl/pytorch"}}, "environment"),
+        ({"bind_mounts": [{"host_path": "/d", "container_path": "/d"}]}, "bind_mounts"),
+        ({"data_layer": {"type": "shared_fs"}}, "data_layer"),
+        ({"tensorboard_storage": {"type": "shared_fs"}}, "tensorboard_storage"),
+        ({"labels": ["a"]}, "labels"),
+        ({"perform_initial_validation": True}, "perform_initial_validation"),
+        ({"records_per_epoch": 60000}, "records_per_epoch"),
+        ({"checkpoint_storage": {"type": "s3", "bucket": "b"}}, "checkpoint_storage.type/bucket"),
+        ({"searcher": {"source_trial_id": 3}}, "searcher.source_trial_id"),
+    ],
+)
+def test_cluster_keys_are_ignored_with_one_warning(raw, dotted):
+    cfg = parse_config(raw, "const.yaml")
+    assert len(cfg.warnings) == 1
+    line = cfg.warnings[0]
+    assert line.startswith("const.yaml: ignoring cluster settings: ")
+    assert f" {dotted} (" in line
+    assert "\n" not in line
+    assert cfg == ExperimentConfig(slots_per_trial=cfg.slots_per_trial)  # nothing else changed
+
+
+def test_warning_lists_every_ignored_key_with_its_reason_in_one_line():
+    raw = {
+        "resources": {"slots_per_trial": 2, "max_slots": 4, "agent_label": "gpu", "priority": 1},
+        "bind_mounts": [{"host_path": "/data", "container_path": "/data"}],
+        "checkpoint_storage": {"type": "shared_fs", "host_path": "/tmp", "save_trial_latest": 3},
+    }
+    cfg = parse_config(raw, "const.yaml")
+    assert cfg.warnings == [
+        "const.yaml: ignoring cluster settings: resources (ranks come from the launcher), "
+        "bind_mounts (mount volumes yourself), checkpoint_storage.type/host_path (checkpoints go to --output)"
+    ]
+    assert cfg.ignored == {
+        "resources": raw["resources"],
+        "bind_mounts": raw["bind_mounts"],
+        "checkpoint_storage.type": "shared_fs",
+        "checkpoint_storage.host_path": "/tmp",
+    }
+    assert raw["checkpoint_storage"] == {"type": "shared_fs", "host_path": "/tmp", "save_trial_latest": 3}
+
+
+def test_no_warning_without_cluster_keys():
+    cfg = parse_config({"searcher": {"max_steps": 2}, "checkpoint_storage": {"save_trial_best": 2}})
+    assert cfg.warnings == []
+    assert cfg.ignored == {}
+    assert cfg.slots_per_trial is None
+
+
+def test_checkpoint_storage_paths_are_ignored_but_keep_counts_are_honoured():
+    storage = {"type": "shared_fs", "host_path": "/tmp", "storage_path": "ckpt", "save_trial_latest": 4}
+    cfg = parse_config({"checkpoint_storage": {**storage, "save_trial_best": 0}})
+    assert cfg.checkpoint_storage.save_trial_latest == 4
+    assert cfg.checkpoint_storage.save_trial_best == 0
+    assert "checkpoint_storage.type/host_path/storage_path (" in cfg.warnings[0]
+    assert cfg.as_dict()["checkpoint_storage"] == {"save_trial_latest": 4, "save_trial_best": 0}
+
+
+@pytest.mark.parametrize(
+    "raw,dotted,suggestion",
+    [
+        ({"resorces": {"slots_per_trial": 2}}, "resorces", "resources"),
+        ({"serarcher": {"name": "single"}}, "serarcher", "searcher"),
+        ({"checkpoint_storage": {"host_pth": "/tmp"}}, "checkpoint_storage.host_pth", "host_path"),
+        ({"searcher": {"max_step": 3}}, "searcher.max_step", "max_steps"),
+    ],
+)
+def test_typos_of_known_or_cluster_keys_are_still_errors(raw, dotted, suggestion):
     with pytest.raises(HarnessError) as e:
-        parse_config({key: {}}, "exp.yaml")
+        parse_config(raw, "const.yaml")
     msg = str(e.value)
-    assert f"'{key}'" in msg
-    assert "Determined cluster setting" in msg
+    assert msg.startswith(f"const.yaml: unknown config key '{dotted}' (known: ")
+    assert f"did you mean '{suggestion}'?" in msg
+
+
+@pytest.mark.parametrize("key", ["warnings", "ignored", "slots_per_trial"])
+def test_attributes_set_by_the_parser_are_not_config_keys(key):
+    with pytest.raises(HarnessError, match=f"unknown config key '{key}'"):
+        parse_config({key: []})
+
+
+def test_optimizations_is_refused_as_not_supported_yet():
+    with pytest.raises(HarnessError) as e:
+        parse_config({"optimizations": {"aggregation_frequency": 2}}, "exp.yaml")
+    msg = str(e.value)
+    assert msg.startswith("exp.yaml: config key 'optimizations'")
+    assert "not supported yet" in msg
     assert "unknown config key" not in msg
 
 
-def test_resources_message_points_at_the_launcher():
-    with pytest.raises(HarnessError, match="horovodrun"):
-        parse_config({"resources": {"slots_per_trial": 4}})
+@pytest.mark.parametrize("slots", [0, 1, 8])
+def test_slots_per_trial_is_stored(slots):
+    cfg = parse_config({"resources": {"slots_per_trial": slots, "weight": 1, "native_parallel": False}})
+    assert cfg.slots_per_trial == slots
+    assert parse_config({"resources": {"max_slots": 4}}).slots_per_trial is None
+    assert parse_config({"resources": None}).slots_per_trial is None
+
+
+@pytest.mark.parametrize(
+    "resources,key",
+    [
+        ([1], "'resources'"),
+        ({"slots_per_trial": "two"}, "'resources.slots_per_trial'"),
+        ({"slots_per_trial": -1}, "'resources.slots_per_trial'"),
+        ({"slots_per_trial": True}, "'resources.slots_per_trial'"),
+    ],
+)
+def test_bad_slots_per_trial_is_an_error(resources, key):
+    with pytest.raises(HarnessError, match=key):
+        parse_config({"resources": resources})
 
 
 # Wrong types: the error names the key and the file
@@ -213,6 +321,16 @@ def test_resources_message_points_at_the_launcher():
         ("searcher:\n  max_length: {batches: 1, epochs: 1}\n", "'searcher.max_length'"),
         ("searcher:\n  max_length: 5\n", "'searcher.max_length'"),
         ("searcher:\n  name: adaptive_asha\n", "'searcher.name'"),
+        ("searcher:\n  max_steps: 0\n", "'searcher.max_steps'"),
+        ("searcher:\n  max_steps: 1.5\n", "'searcher.max_steps'"),
+        ("batches_per_step: 0\n", "'batches_per_step'"),
+        ("batches_per_step: -5\n", "'batches_per_step'"),
+        ("batches_per_step: 2.5\n", "'batches_per_step'"),
+        ("batches_per_step: true\n", "'batches_per_step'"),
+        ("min_validation_period: 0\n", "'min_validation_period'"),
+        ("min_checkpoint_period: -1\n", "'min_checkpoint_period'"),
+        ("min_checkpoint_period: 1.5\n", "'min_checkpoint_period'"),
+        ("checkpoint_policy: 3\n", "'checkpoint_policy'"),
         ("searcher: 3\n", "'searcher'"),
         ("min_validation_period: {epochs: x}\n", "'min_validation_period.epochs'"),
         ("reproducibility:\n  experiment_seed: abc\n", "'reproducibility.experiment_seed'"),
@@ -370,6 +488,9 @@ def test_as_dict_has_determined_shape():
     assert d["min_validation_period"] == {"batches": 5}
     assert d["reproducibility"] == {"experiment_seed": None}
     assert d["scheduling_unit"] == 100
+    assert d["batches_per_step"] == 100
+    assert d["checkpoint_policy"] == "best"
+    assert not {"warnings", "ignored", "slots_per_trial"} & set(d)
 
 
 @pytest.mark.parametrize(
@@ -387,6 +508,16 @@ def test_as_dict_has_determined_shape():
             "data": {"k": "v"},
             "entrypoint": "m:C",
         },
+        {
+            "searcher": {"max_steps": 9, "metric": "loss", "source_trial_id": 1},
+            "batches_per_step": 20,
+            "min_validation_period": 3,
+            "min_checkpoint_period": {"epochs": 1},
+            "checkpoint_policy": "all",
+            "resources": {"slots_per_trial": 2},
+            "environment": {"image": "x"},
+            "checkpoint_storage": {"type": "shared_fs", "host_path": "/tmp", "save_trial_best": 2},
+        },
     ],
 )
 def test_as_dict_round_trips_through_parse_config(raw):
@@ -394,3 +525,174 @@ def test_as_dict_round_trips_through_parse_config(raw):
     again = parse_config(cfg.as_dict())
     assert again == cfg
     assert again.as_dict() == cfg.as_dict()
+    assert again.slots_per_trial == cfg.slots_per_trial
+    assert {k: v for k, v in again.ignored.items() if "." not in k} == {
+        k: v for k, v in cfg.ignored.items() if "." not in k
+    }
+
+
+def test_as_dict_keeps_ignored_sections_and_the_effective_length():
+    raw = {"searcher": {"max_steps": 9}, "resources": {"slots_per_trial": 2}, "labels": ["a"]}
+    d = parse_config(raw).as_dict()
+    assert d["resources"] == {"slots_per_trial": 2}
+    assert d["labels"] == ["a"]
+    assert d["searcher"]["max_length"] == {"batches": 900}
+    assert "max_steps" not in d["searcher"]
+    d["resources"]["slots_per_trial"] = 5  # a copy: user code cannot change the config
+    assert raw["resources"] == {"slots_per_trial": 2}
+
+
+# PEDL steps: searcher.max_steps and integer periods count batches_per_step batches
+
+
+@pytest.mark.parametrize("steps,bps", [(9, 100), (1, 1), (3, 7)])
+def test_max_steps_times_batches_per_step_is_the_length(steps, bps):
+    cfg = parse_config({"searcher": {"max_steps": steps}, "batches_per_step": bps})
+    assert cfg.searcher.max_length == Length("batches", steps * bps)
+    assert cfg.batches_per_step == bps
+
+
+def test_batches_per_step_defaults_to_100():
+    cfg = parse_config({"searcher": {"max_steps": 9}})
+    assert cfg.batches_per_step == 100
+    assert cfg.searcher.max_length == Length("batches", 900)
+
+
+def test_max_length_still_works_and_ignores_batches_per_step():
+    cfg = parse_config({"searcher": {"max_length": {"epochs": 2}}, "batches_per_step": 10})
+    assert cfg.searcher.max_length == Length("epochs", 2)
+
+
+def test_max_steps_and_max_length_together_is_an_error_naming_both():
+    with pytest.raises(HarnessError) as e:
+        parse_config({"searcher": {"max_steps": 9, "max_length": {"batches": 900}}}, "c.yaml")
+    msg = str(e.value)
+    assert msg.startswith("c.yaml: ")
+    assert "'searcher.max_steps'" in msg
+    assert "'searcher.max_length'" in msg
+
+
+@pytest.mark.parametrize("key", ["min_validation_period", "min_checkpoint_period"])
+@pytest.mark.parametrize("n,bps", [(3, 100), (1, 7), (5, 1)])
+def test_integer_periods_count_steps(key, n, bps):
+    cfg = parse_config({key: n, "batches_per_step": bps})
+    assert getattr(cfg, key) == Length("batches", n * bps)
+
+
+@pytest.mark.parametrize("key", ["min_validation_period", "min_checkpoint_period"])
+@pytest.mark.parametrize("period", [{"batches": 5}, {"epochs": 2}, {"records": 640}])
+def test_period_mappings_keep_working(key, period):
+    ((unit, n),) = period.items()
+    assert getattr(parse_config({key: period, "batches_per_step": 7}), key) == Length(unit, n)
+
+
+@pytest.mark.parametrize("bps", [1, 10, 100, 250])
+def test_scheduling_unit_defaults_to_batches_per_step(bps):
+    assert parse_config({"batches_per_step": bps}).scheduling_unit == bps
+
+
+@pytest.mark.parametrize("bps,unit", [(10, 3), (100, 100), (1, 50)])
+def test_explicit_scheduling_unit_wins(bps, unit):
+    assert parse_config({"batches_per_step": bps, "scheduling_unit": unit}).scheduling_unit == unit
+
+
+# checkpoint_policy
+
+
+@pytest.mark.parametrize("policy", ["best", "all", "none"])
+def test_checkpoint_policy_values(policy):
+    assert parse_config({"checkpoint_policy": policy}).checkpoint_policy == policy
+    assert parse_config({}).checkpoint_policy == "best"
+
+
+@pytest.mark.parametrize("policy", ["always", "Best", ""])
+def test_bad_checkpoint_policy_lists_the_three(policy):
+    with pytest.raises(HarnessError) as e:
+        parse_config({"checkpoint_policy": policy}, "c.yaml")
+    msg = str(e.value)
+    assert msg.startswith("c.yaml: config key 'checkpoint_policy': expected one of best, all, none")
+    assert repr(policy) in msg
+
+
+# Search configs: refused, saying what to run instead
+
+
+@pytest.mark.parametrize(
+    "name", ["random", "grid", "adaptive", "adaptive_simple", "adaptive_asha", "pbt", "custom"]
+)
+def test_search_searcher_says_what_to_run_instead(name):
+    raw = {"searcher": {"name": name, "metric": "loss", "max_trials": 16, "max_steps": 9, "mode": "standard"}}
+    with pytest.raises(HarnessError) as e:
+        parse_config(raw, "adaptive.yaml")
+    assert str(e.value) == (
+        f"adaptive.yaml: config key 'searcher.name': '{name}' is a hyperparameter search, which this harness "
+        "cannot run yet; to train one trial, use searcher.name: single with one value per hyperparameter "
+        "({type: const, val: ...} or a plain value)"
+    )
+
+
+def test_unknown_searcher_name_is_an_error():
+    with pytest.raises(HarnessError, match=r"'searcher\.name': unknown searcher 'singel'; use single"):
+        parse_config({"searcher": {"name": "singel"}})
+
+
+# A PEDL-era const.yaml loads unchanged
+
+PEDL_CONST_YAML = """
+description: mnist_pytorch_const
+data:
+  url: https://s3-us-west-2.amazonaws.com/determined-ai-test-data/pytorch_mnist.tar.gz
+hyperparameters:
+  learning_rate: 1.0
+  global_batch_size: 64
+  n_filters1: 32
+  n_filters2: 64
+  dropout1: 0.25
+  dropout2: 0.5
+searcher:
+  name: single
+  metric: validation_loss
+  max_steps: 9
+  smaller_is_better: true
+batches_per_step: 100
+min_validation_period: 3
+checkpoint_storage:
+  type: shared_fs
+  host_path: /tmp
+  storage_path: pedl-checkpoints
+  save_trial_best: 1
+resources:
+  slots_per_trial: 2
+environment:
+  image: pedl/pytorch:latest
+bind_mounts:
+  - host_path: /data
+    container_path: /data
+data_layer:
+  type: shared_fs
+checkpoint_policy: best
+"""
+
+
+def test_pedl_era_const_yaml_loads(tmp_path):
+    path = write(tmp_path, PEDL_CONST_YAML, "const.yaml")
+    cfg = load_config(path)
+    assert cfg.description == "mnist_pytorch_const"
+    assert cfg.hyperparameters["global_batch_size"] == 64
+    assert cfg.searcher == SearcherConfig("single", "validation_loss", True, Length("batches", 900))
+    assert cfg.batches_per_step == 100
+    assert cfg.scheduling_unit == 100
+    assert cfg.min_validation_period == Length("batches", 300)
+    assert cfg.checkpoint_policy == "best"
+    assert cfg.checkpoint_storage.save_trial_best == 1
+    assert cfg.slots_per_trial == 2
+    assert cfg.warnings == [
+        f"{path}: ignoring cluster settings: checkpoint_storage.type/host_path/storage_path "
+        "(checkpoints go to --output), resources (ranks come from the launcher), "
+        "environment (this machine's environment is used), bind_mounts (mount volumes yourself), "
+        "data_layer (data is read directly)"
+    ]
+    d = cfg.as_dict()
+    assert d["resources"] == {"slots_per_trial": 2}
+    assert d["environment"] == {"image": "pedl/pytorch:latest"}
+    assert parse_config(d) == cfg

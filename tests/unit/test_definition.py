@@ -76,7 +76,10 @@ def test_entrypoint_picks_one_of_several(model_dir, tmp_path):
         ),
         (dict(model_def="import harness\nx = 1 / 0\n"), "ZeroDivisionError"),
         (dict(model_def="import harness\n"), "no PyTorchTrial subclass found"),
-        (dict(model_def=GOOD_MODEL_DEF.replace("def losses", "def not_losses")), "required method losses()"),
+        (
+            dict(model_def=GOOD_MODEL_DEF.replace("def losses", "def not_losses")),
+            "the losses/validation_metrics API lacks losses()",
+        ),
         (dict(data="x = 1\n"), "no make_data_loaders()"),
         (
             dict(data="def make_data_loaders(c, h):\n    return [1, 2, 3]\n"),

@@ -1,9 +1,14 @@
-"""``pedl.frameworks.pytorch``: PyTorchTrial and helpers, as PEDL model definitions import them."""
+"""``pedl.frameworks.pytorch``: PyTorchTrial, LRScheduler and helpers, as PEDL definitions import them."""
+
+from typing import Any
 
 from torch import nn
 
+import pedl
 from harness.data import DataLoader
+from harness.lr_scheduler import LRScheduler
 from harness.trial import PyTorchTrial
+from pedl.frameworks.pytorch.data import TorchData
 
 
 def reset_parameters(model: nn.Module) -> None:
@@ -13,4 +18,10 @@ def reset_parameters(model: nn.Module) -> None:
             module.reset_parameters()
 
 
-__all__ = ["DataLoader", "PyTorchTrial", "reset_parameters"]
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise pedl.refuse(__name__, name)
+
+
+__all__ = ["DataLoader", "LRScheduler", "PyTorchTrial", "TorchData", "reset_parameters"]
