@@ -10,13 +10,17 @@ Both run in the same process (same imports, threads and allocator), A/B interlea
 The probe of ``workloads/common.py`` stamps every optimizer step in both. Prints, per variant, the median of
 the per-pair median step times (the steady per-batch cost) and of the mean step times (which also carries the
 reports and epoch starts), and the harness / plain ratios. No launcher, no Horovod: use it to find per-batch
-Python overhead; ``bench/run.py`` measures the real thing.
+Python overhead; ``bench/run.py`` measures the real thing. ``--trial-api train_batch`` runs the harness with
+the same trial written in PEDL's later API; ``both`` runs the two APIs and the plain loop interleaved and
+adds their ratio (``train_batch_vs_losses_*``).
 
     .venv/bin/python bench/loop_overhead.py --workload mlp --batches 4000 --pairs 7
+    .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api both
 """
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -28,6 +32,7 @@ os.environ.setdefault("BENCH_OUT", tempfile.mkdtemp(prefix="loop-overhead-"))  #
 os.environ["BENCH_WARMUP"] = os.environ.get("BENCH_WARMUP", "300")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "workloads"))
+import bench_trial  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -95,6 +100,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4000)
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--report-every", type=int, default=100)
+    p.add_argument("--trial-api", choices=("losses", "train_batch", "both"), default="losses")
     args = p.parse_args()
     if args.batches <= PROBE.warmup + 1:
         p.error(f"--batches must exceed the warm-up of {PROBE.warmup}")
@@ -107,23 +113,40 @@ def main() -> None:
             f"scheduling_unit: {args.report_every}\nreproducibility:\n  experiment_seed: {common.SEED}\n"
         )
     model_def = definition.load(os.path.join(HERE, "workloads", args.workload))
+    batch_api_def = dataclasses.replace(
+        model_def, trial_class=bench_trial.batch_api_trial_class(args.workload)
+    )
+    variants = {
+        "losses": {"harness": model_def},
+        "train_batch": {"harness": batch_api_def},
+        "both": {"harness": model_def, "harness_train_batch": batch_api_def},
+    }[args.trial_api]
     output = os.path.join(work, "output")
-    runs = {"harness": [], "plain": []}
+    runs = {name: [] for name in [*variants, "plain"]}
     for i in range(args.pairs):
-        order = ("harness", "plain") if i % 2 == 0 else ("plain", "harness")
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for name in order:
-            if name == "harness":
-                runs[name].append(harness_run(model_def, config_path, output))
-            else:
+            if name == "plain":
                 runs[name].append(plain_run(args.workload, args.batches, args.report_every))
+            else:
+                runs[name].append(harness_run(variants[name], config_path, output))
     PROBE.out = None  # nothing to write at exit
-    result = {"workload": args.workload, "batches": args.batches, "pairs": args.pairs}
+    result = {
+        "workload": args.workload,
+        "batches": args.batches,
+        "pairs": args.pairs,
+        "trial_api": args.trial_api,
+    }
     for name, values in runs.items():
         result[f"{name}_median_step_us"] = statistics.median(v[0] for v in values) * 1e6
         result[f"{name}_mean_step_us"] = statistics.median(v[1] for v in values) * 1e6
     pairs = list(zip(runs["harness"], runs["plain"]))
     result["median_step_ratio"] = statistics.median(h[0] / q[0] for h, q in pairs)
     result["mean_step_ratio"] = statistics.median(h[1] / q[1] for h, q in pairs)
+    if "harness_train_batch" in runs:  # PEDL's later API against the first, paired within a repetition
+        both = list(zip(runs["harness_train_batch"], runs["harness"]))
+        result["train_batch_vs_losses_median_step"] = statistics.median(t[0] / s[0] for t, s in both)
+        result["train_batch_vs_losses_mean_step"] = statistics.median(t[1] / s[1] for t, s in both)
     print(json.dumps(result, indent=1))
 
 

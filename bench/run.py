@@ -360,7 +360,7 @@ def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[
                 f"{w}: exact validation adds < {VALIDATION_OVERHEAD_MAX:.0%} to validation time",
                 round(v["overhead"], 4),
                 v["overhead"] < VALIDATION_OVERHEAD_MAX,
-                "weighted vs unweighted MetricAccumulator in harness.loop.validate (in-process A/B)",
+                "weighted vs unweighted MetricAccumulator in TrialAdapter.evaluate (in-process A/B)",
             )
 
     scaling = {}
@@ -483,7 +483,8 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
         out += [
             "## Cost of exact validation",
             "",
-            "`harness.loop.validate` on one process (its one allreduce is the same either way), the real "
+            "The harness's validation (`TrialAdapter.evaluate`) on one process (its one allreduce is "
+            "the same either way), the real "
             "`MetricAccumulator` weighted by each batch's records against the same loop with weight 1 per "
             f"batch (a plain mean of batch means), interleaved, {vo['pairs']} pairs; and the weighting's own "
             "work (`batch_records` + the weight in `MetricAccumulator.add`) timed alone, per validation "

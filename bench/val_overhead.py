@@ -1,7 +1,7 @@
 """What exact validation costs: the harness's weighted MetricAccumulator against a plain mean of batch means.
 
-Runs the harness's own ``harness.loop.validate`` on one process (the single allreduce of the metric sums is
-the same either way, so one process shows the whole difference), A/B interleaved:
+Runs the harness's own validation (``TrialAdapter.evaluate``) on one process (the single allreduce of the
+metric sums is the same either way, so one process shows the whole difference), A/B interleaved:
 
 - weighted: as shipped (each batch's metrics times its number of records, divided by the total records);
 - plain:    ``batch_records`` replaced by ``1``, so each batch weighs 1 and the result is a mean of means.
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads"))
 import common  # noqa: E402
 
+from harness import adapters as hadapters  # noqa: E402
 from harness import data as hdata  # noqa: E402
 from harness import definition  # noqa: E402
-from harness import loop as hloop  # noqa: E402
 from harness import metrics as hmetrics  # noqa: E402
 from harness.distributed import Local  # noqa: E402
 
@@ -39,16 +39,17 @@ def one_workload(workload: str, pairs: int) -> dict:
     torch.manual_seed(common.SEED)
     model = common.build_model(workload)
     device, backend = torch.device("cpu"), Local()
-    real = hloop.batch_records
+    adapter = hadapters.make_adapter(trial)
+    real = hadapters.batch_records
 
     def run(weighted: bool):
-        hloop.batch_records = real if weighted else (lambda inputs, labels, where: 1)
+        hadapters.batch_records = real if weighted else (lambda inputs, labels, where: 1)
         try:
             t = time.perf_counter()
-            out = hloop.validate(trial, model, loader, device, backend)
+            out = adapter.evaluate(model, loader, device, backend)
             return time.perf_counter() - t, out
         finally:
-            hloop.batch_records = real
+            hadapters.batch_records = real
 
     for _ in range(3):  # warm-up
         run(True), run(False)

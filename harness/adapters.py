@@ -184,6 +184,11 @@ class BatchAdapter(TrialAdapter):
     validation_source = "evaluate_batch()"
 
     def prepare(self, batch: Any, device: torch.device, where: str, non_blocking: bool) -> Tuple[Any, int]:
+        if type(batch) in (tuple, list) and len(batch) == 2:  # the common case: nothing to convert
+            a, b = batch
+            if type(a) is torch.Tensor and type(b) is torch.Tensor and a.dim() > 0:
+                if a.device == device and b.device == device:
+                    return batch, a.shape[0]
         batch = to_device(batch, device, where, non_blocking)
         t = first_tensor(batch)
         if t is None or t.dim() == 0:

@@ -202,8 +202,11 @@ def apply_retention(
 
 
 def _move_aside(output_dir: str, names: List[str]) -> str:
-    dest = os.path.join(output_dir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(dest, exist_ok=True)
+    base = os.path.join(output_dir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while os.path.exists(dest):  # two fresh starts within one second
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
     for name in names:
         os.rename(os.path.join(output_dir, name), os.path.join(dest, name))
     return dest

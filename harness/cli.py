@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     backend = distributed.init()
     distributed.set_threads(backend)
     _register_rank(args.output, backend.rank)
-    progress_bar = not args.quiet and sys.stdout.isatty()
+    # Under a launcher stdout is forwarded line by line (Open MPI even gives ranks a pty, so isatty() is
+    # true): a bar's carriage returns and split writes would garble the tagged lines.
+    progress_bar = not args.quiet and sys.stdout.isatty() and not distributed.under_launcher()
     loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
     backend.shutdown()
     return 0

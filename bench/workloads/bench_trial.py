@@ -37,6 +37,28 @@ def trial_class(workload: str) -> Type[harness.PyTorchTrial]:
     return BenchTrial
 
 
+def batch_api_trial_class(workload: str) -> Type[harness.PyTorchTrial]:
+    """The same trial in PEDL's later API (train_batch / evaluate_batch; the global batch as batch_size())."""
+    base = trial_class(workload)
+
+    class BenchBatchTrial(harness.PyTorchTrial):
+        build_model = base.build_model
+        optimizer = base.optimizer
+        batch_size = base.batch_size
+
+        def train_batch(self, batch: Any, model: nn.Module, epoch_idx: int, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y)
+
+        def evaluate_batch(self, batch: Any, model: nn.Module) -> Dict[str, Any]:
+            x, y = batch
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            return {"loss": loss, "accuracy": (out.argmax(1) == y).float().mean()}
+
+    return BenchBatchTrial
+
+
 def make_data_loaders(experiment_config: Dict[str, Any], hparams: Dict[str, Any]) -> Tuple[Any, Any]:
     """The digits data, in memory (scikit-learn ships it: nothing to download)."""
     train_set, val_set = common.datasets()

@@ -78,7 +78,7 @@ def _build_env():
 
 
 def _containers():
-    if ENGINE != "buildah":
+    if ENGINE != "buildah" or shutil.which("buildah") is None:  # not installed yet: build_image.sh will
         return set()
     listing = subprocess.run(
         ["buildah", "containers", "--format", "{{.ContainerName}}"], capture_output=True, text=True
