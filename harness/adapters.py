@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from harness import distributed
+from harness import distributed, watchdog
 from harness.data import batch_records, batch_to_device, first_tensor, shard_validation_loader, to_device
 from harness.errors import HarnessError
 from harness.metrics import MetricAccumulator
@@ -123,17 +123,28 @@ class TrialAdapter(abc.ABC):
         """The validation loader this rank iterates (by default its unpadded shard)."""
         return shard_validation_loader(loader, rank, size)
 
-    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device, backend: Any) -> Dict:
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, device: torch.device, backend: Any, stop: Any = None
+    ) -> Optional[Dict]:
         """Exact validation: each batch weighted by its records, summed over all ranks, divided by the total
-        number of records."""
+        number of records. None if a stop was requested (`stop.requested`) on any rank meanwhile: every
+        rank then abandons it (they agree in one small allreduce)."""
         metrics = MetricAccumulator(device, self.validation_source)
         model.eval()
+        watch = watchdog.current()
+        abandoned = False
         with torch.no_grad():
             for i, batch in enumerate(loader):
+                if stop is not None and stop.requested:
+                    abandoned = True
+                    break
+                watch.beat()
                 where = f"validation batch {i + 1} of rank {backend.rank}"
                 batch, records = self.prepare(batch, device, where, False)
                 metrics.add(self.batch_metrics(batch, model), weight=records)
         model.train()
+        if stop is not None and backend.allreduce_sum(torch.tensor([int(abandoned)])).item() > 0:
+            return None
         return metrics.reduce(backend)
 
     def batch_metrics(self, batch: Any, model: torch.nn.Module) -> Any:
@@ -224,7 +235,9 @@ class FullDatasetAdapter(BatchAdapter):
             )
         return loader  # unsharded: the trial's code must see every record, once
 
-    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device, backend: Any) -> Dict:
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, device: torch.device, backend: Any, stop: Any = None
+    ) -> Optional[Dict]:
         def run() -> Dict:
             model.eval()
             with torch.no_grad():

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from harness import watchdog
 from harness.definition import ModelDefinition, positional_arity, user_frame
 from harness.errors import HarnessError
 from harness.lr_scheduler import LRScheduler
@@ -104,7 +105,11 @@ def check_loader_pair(loaders: Any) -> Tuple[Any, Any]:
 
 
 def download_once_per_machine(
-    model_def: ModelDefinition, config_dict: Dict[str, Any], hparams: Dict[str, Any], backend: Any
+    model_def: ModelDefinition,
+    config_dict: Dict[str, Any],
+    hparams: Dict[str, Any],
+    backend: Any,
+    download_timeout: Optional[float] = None,
 ) -> Optional[str]:
     """Local rank 0 of each machine runs download_data; the exchange below is everyone's barrier.
 
@@ -113,6 +118,7 @@ def download_once_per_machine(
     """
     if model_def.download_data is None:
         return None
+    watchdog.current().phase("download_data()", limit=download_timeout)
     outcome: Optional[Tuple[str, str]] = None
     if backend.local_rank == 0:
         try:
@@ -127,6 +133,7 @@ def download_once_per_machine(
     for _, theirs in everyone:
         if theirs is not None and theirs[0] == "error":
             raise HarnessError(theirs[1])
+    watchdog.current().phase("set-up")
     mine = [o for h, o in everyone if h == host and o is not None]
     if not mine:
         raise HarnessError(f"no rank with local rank 0 ran download_data() on {host}")

@@ -8,6 +8,7 @@ A checkpoint is written into a temporary folder, fsynced and renamed, so it is c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -111,6 +112,21 @@ def save(
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, str(batches))
     tmp = os.path.join(root, f".tmp-{batches}-{os.getpid()}")
+    try:
+        _write(tmp, state, model, optimizer, trainer)
+        if os.path.exists(final):  # the same batch saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+        _write_text_atomic(os.path.join(root, "latest"), f"{batches}\n")
+    except Exception as e:  # noqa: BLE001 - torch reports a full disk as a RuntimeError, not an OSError
+        raise _write_error(e, root, batches) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
+    return final
+
+
+def _write(tmp: str, state: Dict[str, Any], model: Any, optimizer: Any, trainer: Any) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, obj in zip(TENSOR_FILES, (model, optimizer, trainer)):
@@ -124,12 +140,41 @@ def save(
     for name in [*files, MANIFEST]:
         _fsync(os.path.join(tmp, name))
     _fsync(tmp)
-    if os.path.exists(final):  # the same batch saved again (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(root)
-    _write_text_atomic(os.path.join(root, "latest"), f"{batches}\n")
-    return final
+
+
+class CheckpointWriteError(HarnessError):
+    """Writing a checkpoint failed (a full disk, an I/O error): running again fails the same way until the
+    cause is fixed, so `harness launch` does not retry (exit status 2)."""
+
+
+def _write_error(e: BaseException, root: str, batches: int) -> CheckpointWriteError:
+    try:
+        st = os.statvfs(root)
+        free = st.f_bfree * st.f_frsize
+    except OSError:
+        free = None
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < 1 << 20):
+        what = f"no space left on the device of {root}"
+    elif isinstance(e, OSError):
+        what = f"{e.strerror or type(e).__name__} ({e.filename or root})"
+    else:
+        what = f"{type(e).__name__}: {e} (in {root})"
+    earlier = [b for b in checkpoint_dirs(root) if b != batches]
+    intact = (
+        f"the previous checkpoint ({earlier[0]}) is intact" if earlier else "there is no earlier checkpoint"
+    )
+    return CheckpointWriteError(f"{what} while writing checkpoint {batches}; {intact}")
+
+
+def remove_partial(root: str) -> int:
+    """Delete partial checkpoints (.tmp-* folders, latest.tmp-* files) that a killed run left; how many."""
+    if not os.path.isdir(root):
+        return 0
+    stale = [n for n in os.listdir(root) if n.startswith(".tmp-") or n.startswith("latest.tmp-")]
+    for name in stale:
+        path = os.path.join(root, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    return len(stale)
 
 
 def verify(path: str) -> Optional[str]:
@@ -221,6 +266,9 @@ def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> 
     """
     os.makedirs(output_dir, exist_ok=True)
     root = os.path.join(output_dir, "checkpoints")
+    partial = remove_partial(root)
+    if partial:
+        say(f"harness: removed {partial} partial checkpoint file(s) that an interrupted run left in {root}")
     if resume_from:
         problem = verify(resume_from) if os.path.isdir(resume_from) else "no such checkpoint folder"
         if problem:

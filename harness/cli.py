@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import List, Optional
 
-from harness.errors import HarnessError, PeerFailure, say
+from harness.errors import HarnessError, Interrupted, PeerFailure, say
+from harness.outputlock import LockRefused, OutputLock
 
 USAGE_EPILOG = """\
 launch:
@@ -52,7 +54,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     # Imports here so that `harness --help` is instant and argument errors need no torch.
     from harness import config as config_mod
-    from harness import definition, distributed, loop
+    from harness import definition, distributed, loop, watchdog
 
     model_dir = args.model_def
     if not os.path.exists(model_dir):
@@ -61,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
     if distributed.env_rank() == 0:  # every rank loads the config; say it once
         for line in cfg.warnings:
             say(f"harness: warning: {line}", sys.stderr)
+    rank = distributed.env_rank()
+    lock = OutputLock(args.output)
+    if rank == 0:  # one run per output directory (rank 0 writes it); held until this process ends
+        took_over = lock.acquire()
+        if took_over:
+            say(f"harness: {took_over}", sys.stderr)
+    watchdog.start(rank, cfg.stall_timeout, model_dir, lambda m, c: _fail(m, 1, c, output=args.output))
     model_def = definition.load(model_dir, cfg.entrypoint)
 
     backend = distributed.init()
@@ -69,9 +78,14 @@ def run(args: argparse.Namespace) -> int:
     # Under a launcher stdout is forwarded line by line (Open MPI even gives ranks a pty, so isatty() is
     # true): a bar's carriage returns and split writes would garble the tagged lines.
     progress_bar = not args.quiet and sys.stdout.isatty() and not distributed.under_launcher()
-    loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
+    code = 0
+    try:
+        loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
+    except Interrupted:  # Ctrl-C, after the checkpoint
+        code = Interrupted.exit_code
     backend.shutdown()
-    return 0
+    lock.release()
+    return code
 
 
 def state_dir(output: str) -> str:
@@ -107,11 +121,14 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
     wait a moment first so that the job shows one line, not N. An error that is a consequence of another
     rank's death (a broken collective) waits too, so the root cause is what the user sees.
     """
+    from harness import watchdog
     from harness.distributed import env_rank
 
+    watchdog.current().disarm()  # this process ends now; waiting below is not a stall
     rank = env_rank()
     _record_failure(output, message, code, rank, consequential)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
+    if threading.current_thread() is threading.main_thread():  # (the stall watchdog calls from its own)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:
         time.sleep(2.0 if not consequential else 4.0)
     prefix = f"[rank {rank}] " if rank != 0 else ""
@@ -147,7 +164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except HarnessError as e:
         if show_tb:
             traceback.print_exc()
-        _fail(str(e), HarnessError.exit_code, consequential=False, output=args.output)
+        # A run refused by another run's lock must not write into that run's bookkeeping.
+        output = None if isinstance(e, LockRefused) else args.output
+        _fail(str(e), HarnessError.exit_code, consequential=False, output=output)
     except KeyboardInterrupt:
         _fail("interrupted", 130, consequential=False)
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything; report it in one line

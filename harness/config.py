@@ -16,9 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
 from harness.errors import HarnessError
+from harness.yaml_load import load_yaml_file
 
 LENGTH_UNITS = ("batches", "epochs", "records")
 CONFIG_FILE_NAMES = ("experiment.yaml", "const.yaml")
@@ -118,6 +117,8 @@ class ExperimentConfig:
     min_checkpoint_period: Optional[Length] = None  # an integer counts steps (PEDL)
     checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
     checkpoint_policy: str = "best"  # extra checkpoints after validations: best | all | none
+    stall_timeout: int = 600  # seconds without progress on a rank before the job ends (watchdog.py)
+    download_timeout: int = 3600  # the same for download_data(), which may take longer
     max_restarts: int = 5  # used by `harness launch`
     # Set by parse_config. Equality means "trains the same", so what was ignored and said about it is
     # left out of it; slots_per_trial is not (the loop checks it against the launcher's ranks).
@@ -321,8 +322,9 @@ def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:
 
 
 def _validate(cfg: ExperimentConfig) -> None:
-    if cfg.scheduling_unit <= 0:
-        raise HarnessError("config key 'scheduling_unit': expected a positive integer")
+    for key in ("scheduling_unit", "stall_timeout", "download_timeout"):
+        if getattr(cfg, key) <= 0:
+            raise HarnessError(f"config key '{key}': expected a positive integer")
     for key, value in [
         ("max_restarts", cfg.max_restarts),
         ("checkpoint_storage.save_trial_latest", cfg.checkpoint_storage.save_trial_latest),
@@ -379,16 +381,14 @@ def find_config_file(model_dir: str, explicit: Optional[str] = None) -> Optional
 
 
 def load_config(path: Optional[str]) -> ExperimentConfig:
-    """Load and validate a YAML config file (safe loader); None gives the defaults."""
+    """Load and validate a YAML config file; None gives the defaults.
+
+    The file is read by load_yaml_file: safe loader, no anchors or aliases, at most 1 MB, 32 levels deep,
+    no duplicate keys, UTF-8 text.
+    """
     if path is None:
         return parse_config({}, "defaults")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise HarnessError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    raw = load_yaml_file(path)
     if raw is not None and not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of config keys at the top level")
     return parse_config(raw, path)

@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
+from harness import watchdog
 from harness.errors import PeerFailure
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -172,9 +173,10 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
     """
     if backend.size == 1:
         return fn()
+    watch = watchdog.current()
     if backend.rank != 0:
         while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
-            pass
+            watch.beat()
         status, value = backend.broadcast_object(None)
         if status == "error":
             raise PeerFailure(f"rank 0 failed while working alone: {value}")
@@ -186,6 +188,7 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
         while True:
             finished = done.wait(HEARTBEAT_SECONDS)
             backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
+            watch.beat()  # rank 0's own code may take long here; a stuck rank 0 stops the heartbeats
             if finished:
                 return
 

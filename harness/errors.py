@@ -14,6 +14,12 @@ class HarnessError(Exception):
     exit_code = 2
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the ranks stopped at an agreed batch and checkpointed; the process exits 130."""
+
+    exit_code = 130
+
+
 class PeerFailure(Exception):
     """This rank stops because another rank failed (and reports that failure itself)."""
 

@@ -15,16 +15,17 @@ import torch
 import yaml
 
 from harness import building as build
-from harness import checkpoint
+from harness import checkpoint, resume, watchdog
 from harness import trial as trial_api
 from harness.adapters import TrialAdapter, make_adapter
 from harness.config import ExperimentConfig
 from harness.data import shard_training_loader
 from harness.definition import ModelDefinition
-from harness.errors import HarnessError, say
+from harness.distributed import under_launcher
+from harness.errors import HarnessError, Interrupted, say
 from harness.metrics import MetricAccumulator, first_nonfinite, means
 from harness.optimizer_step import OptimizerStep
-from harness.preemption import StopRequest
+from harness.preemption import StopRequest, StopVotes
 from harness.report import Reporter
 
 
@@ -70,9 +71,12 @@ def train(
     progress_bar: bool = False,
 ) -> Dict[str, Any]:
     """Train the trial as `config` says, resuming from a checkpoint in `output_dir` if there is one."""
+    watchdog.current().phase("set-up")  # from here stall_timeout applies (start-up had its own limit)
     device = build.pick_device(backend)
     is_chief = backend.rank == 0
     stop = StopRequest()
+    if under_launcher():
+        stop.watch_launchers()  # a rank whose launcher dies stops too, instead of training on as an orphan
 
     # Resume: rank 0 finds the checkpoint; its small state reaches every rank, the weights by broadcast.
     ckpt = checkpoint.prepare_output(output_dir, fresh, resume_from) if is_chief else None
@@ -81,6 +85,7 @@ def train(
     config.reproducibility.experiment_seed = seed
     hparams = config.hyperparameters
     config_dict = config.as_dict()
+    changed = resume.check_config(resumed["config"], config_dict, resumed["path"]) if resumed else None
     trial_api._set_context(hparams, None, config_dict, seed)
     build.seed_everything(seed)
     if is_chief:
@@ -93,7 +98,9 @@ def train(
     per_rank_batch = global_batch // backend.size
 
     # Data: downloaded once per machine, then every rank's loaders, sharded across ranks.
-    data_dir = build.download_once_per_machine(model_def, config_dict, hparams, backend)
+    data_dir = build.download_once_per_machine(
+        model_def, config_dict, hparams, backend, config.download_timeout
+    )
     trial_api._set_context(hparams, data_dir)
     loaders = build.call_user(
         model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams
@@ -106,6 +113,8 @@ def train(
 
     # Model, optimizer, LR scheduler: built on every rank from the same seed; rank 0's state is broadcast.
     model = build.build_model(trial, model_def, hparams).to(device)
+    if resumed and is_chief:
+        resume.check_model(model, ckpt.model, ckpt.path)  # before any state is loaded or broadcast
     optimizer = backend.wrap_optimizer(build.build_optimizer(trial, model_def, model, hparams), model)
     step = OptimizerStep(optimizer, build.build_lr_scheduler(trial, model_def, optimizer))
     if resumed:  # after the scheduler's creation, which sets the learning rate of its first step
@@ -141,11 +150,15 @@ def train(
         progress_bar=progress_bar,
     )
     _announce(reporter, config, backend, device, global_batch, total, progress, resumed, adapter)
+    if changed:
+        reporter.log(changed)
     ckpt_ctx = _CheckpointContext(
         output_dir, config, backend, model, optimizer, step, train_metrics, progress, best
     )
-    votes = _StopVotes(backend, progress.batches)
+    votes = StopVotes(backend, progress.batches)
     non_blocking = device.type == "cuda"
+    watch = watchdog.current()
+    watch.phase("training")
 
     model.train()
     while progress.batches < total:
@@ -163,6 +176,7 @@ def train(
         )
         for batch in batches:
             vote = votes.start(progress.batches, stop.requested)  # settled after the step; overlaps it
+            watch.beat()
             where = f"training batch {progress.batches + 1}"
             batch, records = adapter.prepare(batch, device, where, non_blocking)
 
@@ -183,24 +197,29 @@ def train(
             if done or progress.batches % config.scheduling_unit == 0:
                 _report_training(train_metrics, progress, reporter, backend, step)
                 reporter.start_period(config.scheduling_unit, global_batch)
-            best_so_far = False
+            best_so_far = abandoned = False
             if done or (validate_every and progress.batches % validate_every == 0):
-                last_validation = adapter.evaluate(model, val_loader, device, backend)
-                _check_searcher_metric(config, last_validation)
-                best_so_far = best.checkpoint_after(last_validation)
-                reporter.report(
-                    "validation", progress.batches, progress.epoch, progress.records, last_validation
-                )
-            stopping = votes.finish(vote, progress.batches)
+                result = adapter.evaluate(model, val_loader, device, backend, stop)
+                abandoned = result is None  # a stop request meanwhile: checkpoint and stop now
+                if not abandoned:
+                    last_validation = result
+                    _check_searcher_metric(config, last_validation)
+                    best_so_far = best.checkpoint_after(last_validation)
+                    reporter.report(
+                        "validation", progress.batches, progress.epoch, progress.records, last_validation
+                    )
+            stopping = votes.finish(vote, progress.batches) or abandoned
             periodic = checkpoint_every and progress.batches % checkpoint_every == 0
             if done or stopping or periodic or best_so_far:
                 path = ckpt_ctx.save(last_validation)
                 if stopping:
                     reporter.log(
-                        f"stopped by {stop.signal_name or 'a signal on another rank'} at batch "
+                        f"stopped by {stop.signal_name or 'a stop request on another rank'} at batch "
                         f"{progress.batches}; checkpoint: {path}"
                     )
                     reporter.close()
+                    if stop.exit_code:
+                        raise Interrupted(f"stopped by {stop.signal_name} at batch {progress.batches}")
                     return last_validation
             if done:
                 break
@@ -263,42 +282,6 @@ class _BestValidation:
         if improved:
             self.value = float(value)
         return self.policy == "all" or (self.policy == "best" and improved)
-
-
-class _StopVotes:
-    """Agreeing on a stop (SIGTERM/SIGUSR1 reach ranks at different times; all must stop at one batch).
-
-    A vote is a two-number allreduce (stop?, proposed interval) that overlaps a batch. Voting at every batch
-    would cost a collective per batch, which shows on fast steps; instead each vote also fixes the batch of
-    the next one, so that votes are about VOTE_SECONDS apart (every batch once batches take longer).
-    """
-
-    VOTE_SECONDS = 0.05
-
-    def __init__(self, backend: Any, batches: int):
-        self.backend = backend
-        self.next_at = batches + 1  # global batch number that carries the next vote
-        self.last = (batches, time.perf_counter())  # (batches done, time) at the last vote's start
-
-    def start(self, batches: int, stop: bool) -> Any:
-        """Start a vote if batch `batches + 1` carries one (None otherwise)."""
-        if batches + 1 < self.next_at:
-            return None
-        now, (before, then) = time.perf_counter(), self.last
-        self.last = (batches, now)
-        interval = 1  # until a batch has been timed
-        if batches > before:
-            step_s = (now - then) / (batches - before)
-            interval = int(min(1000, max(1, self.VOTE_SECONDS / max(step_s, 1e-6))))
-        return self.backend.start_vote(stop, interval)
-
-    def finish(self, handle: Any, batches: int) -> bool:
-        """After batch `batches`: whether every rank stops here."""
-        if handle is None:
-            return False
-        stopping, interval = self.backend.finish_vote(handle)
-        self.next_at = batches + interval
-        return stopping
 
 
 @dataclass
@@ -364,6 +347,7 @@ def _resume_info(ckpt: checkpoint.Checkpoint) -> Dict[str, Any]:
         "seed": ckpt.state["seed"],
         "validation_metrics": ckpt.state["validation_metrics"],
         "best": ckpt.state.get("best"),
+        "config": ckpt.state.get("config", {}),
         "rng": ckpt.trainer["rng"],
     }
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from harness.errors import HarnessError
+from harness.outputlock import HOLDER_ENV, OutputLock
 from harness.report import read_metrics
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +59,30 @@ def _failures(state: str) -> List[Dict[str, Any]]:
     return sorted(out, key=lambda f: (bool(f.get("consequential")), f.get("time", 0)))
 
 
+def _root_cause(state: str, failures: List[Dict[str, Any]], rc: int) -> str:
+    """What ended the job: a rank's own error first; else a rank that died without a word (killed: its
+    pid is registered but it left no error), before the errors the others got from its absence."""
+    own = [f for f in failures if not f.get("consequential")]
+    if own:
+        return f"[rank {own[0]['rank']}] {own[0]['message']}" if own[0].get("rank") else own[0]["message"]
+    reported = {f.get("rank") for f in failures}
+    silent = []
+    for path in sorted(glob.glob(os.path.join(state, "pids", "rank*"))):
+        rank = int(os.path.basename(path)[4:])
+        if rank not in reported:
+            with open(path) as f:
+                silent.append(f"rank {rank} (pid {f.read().strip()})")
+    if silent:
+        after = f"; then: {failures[0]['message']}" if failures else ""
+        return (
+            f"{', '.join(silent)} died without an error of its own (killed by a signal: SIGKILL, the "
+            f"out-of-memory killer, a crash?){after}"
+        )
+    if failures:
+        return failures[0]["message"]
+    return f"the launcher exited with status {rc} before any rank started"
+
+
 def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
     out, skip = [], False
     for a in args:
@@ -92,18 +117,29 @@ def launch(argv: List[str]) -> int:
     if max_restarts is None:
         max_restarts = config.load_for_model(model_dir, train_args.config).max_restarts
     state = cli.state_dir(train_args.output)
-    env = dict(os.environ)
+    lock = OutputLock(train_args.output)  # held for every attempt; the ranks know it is held for them
+    took_over = lock.acquire()
+    if took_over:
+        print(f"harness launch: {took_over}", flush=True)
+    env = dict(os.environ, **{HOLDER_ENV: str(os.getpid())})
     env.setdefault("OMPI_MCA_odls_base_sigkill_timeout", "30")  # time for ranks to checkpoint on SIGTERM
 
     terminating: List[int] = []
 
     def on_term(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in terminating and proc is not None:
+            os.killpg(proc.pid, signal.SIGKILL)  # a second Ctrl-C: abort now
+            _signal_ranks(state, signal.SIGKILL)
+            print("harness launch: aborted (second Ctrl-C)", flush=True)
+            os._exit(130)
         terminating.append(signum)
+        # The ranks checkpoint at a batch they agree on (SIGTERM to each: the launcher would kill them).
         if not _signal_ranks(state, signal.SIGTERM) and proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)  # no rank running yet: stop the launcher
 
     proc: Optional[subprocess.Popen] = None
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     restarts = 0
     while True:
         shutil.rmtree(state, ignore_errors=True)
@@ -120,17 +156,20 @@ def launch(argv: List[str]) -> int:
                     deadline = time.monotonic() + 60
                 if deadline is not None and time.monotonic() > deadline:
                     os.killpg(proc.pid, signal.SIGKILL)
-        if rc == 0:
-            return 0
         if terminating:
-            print(f"harness launch: stopped by SIGTERM; the job exited with status {rc}", flush=True)
-            return rc
+            name = signal.Signals(terminating[0]).name
+            print(f"harness launch: stopped by {name}; the job exited with status {rc}", flush=True)
+            lock.release()
+            return 130 if terminating[0] == signal.SIGINT else rc
+        if rc == 0:
+            lock.release()
+            return 0
         failures = _failures(state)
         bad_input = [f for f in failures if f.get("exit_code") == HarnessError.exit_code]
-        if bad_input:
-            print(f"harness launch: not restarting, bad input: {bad_input[0]['message']}", flush=True)
+        if bad_input:  # bad input, a full disk: running it again would fail the same way
+            print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
             return HarnessError.exit_code
-        cause = failures[0]["message"] if failures else f"the launcher exited with status {rc} (a rank died?)"
+        cause = _root_cause(state, failures, rc)
         if restarts >= max_restarts:
             print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
             return rc or 1

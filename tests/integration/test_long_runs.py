@@ -193,6 +193,49 @@ def test_sigterm_checkpoints_and_exits_zero(how, model_dir, tmp_path):
     )
 
 
+SLOW_VALIDATION = GOOD_MODEL_DEF.replace(
+    "    def validation_metrics(self, predictions, labels, losses):\n",
+    """    def validation_metrics(self, predictions, labels, losses):
+        import os, time
+        open(os.environ["MARKER"], "a").close()  # validation has started
+        time.sleep(3)
+""",
+)
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_sigterm_during_validation_abandons_it(launcher, model_dir, tmp_path):
+    """A validation of ~20 s is abandoned within seconds; the checkpoint is at the last training batch."""
+    write_model_def(
+        model_dir,
+        model_def=SLOW_VALIDATION,
+        config=RESUME_CONFIG.replace("{batches: 30}", "{batches: 300}").replace(
+            "metric: accuracy", "metric: loss"
+        ),
+    )
+    output, marker = tmp_path / "out", tmp_path / "validating"
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", launcher, str(model_dir),
+           "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"MARKER": str(marker)}, output)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "validation did not start"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 12, stdout[-2000:]
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert (
+        "stopped by SIGTERM at batch 5;" in stdout
+        or "stopped by a stop request on another rank at batch 5;" in stdout
+    )
+    assert [e for e in reports(output, "validation") if e["batches"] == 5] == []  # abandoned, not reported
+    from harness import checkpoint
+
+    assert checkpoint.checkpoint_dirs(str(output / "checkpoints"))[0] == 5
+
+
 def test_launch_restarts_after_a_crash(model_dir, tmp_path):
     write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
     output = tmp_path / "out"
@@ -227,6 +270,18 @@ def test_launch_gives_up_after_max_restarts(model_dir, tmp_path):
     assert "giving up after 2 restarts" in proc.stdout
 
 
+def test_launch_names_a_killed_rank_as_the_cause(model_dir, tmp_path):
+    """Rank 1 is SIGKILLed: the cause is that rank, not the broken collective rank 0 then saw."""
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", "--max-restarts", "1",
+           str(model_dir), "--output", str(tmp_path / "out")]  # fmt: skip
+    proc, _ = run_with_env(cmd, {"KILL_AT": "4", "MARKER": str(tmp_path / "killed")}, timeout=180)
+    assert_ok(proc)
+    line = next(x for x in proc.stdout.splitlines() if "harness launch: restart 1 of 1 after failure:" in x)
+    assert "rank 1 (pid " in line and "died without an error of its own" in line, line
+    assert "HorovodInternalError" not in line.split("; then:")[0]
+
+
 def test_launch_does_not_retry_bad_input(model_dir, tmp_path):
     write_model_def(model_dir, config=RESUME_CONFIG.replace("batch: 20", "batch: 21"))
     cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
@@ -234,7 +289,7 @@ def test_launch_does_not_retry_bad_input(model_dir, tmp_path):
     proc, _ = run_with_env(cmd, {}, timeout=120)
     assert proc.returncode == 2
     assert "harness launch: restart" not in proc.stdout
-    assert "not restarting, bad input: batch_size() is 21" in proc.stdout
+    assert "not restarting: batch_size() is 21" in proc.stdout
 
 
 if __name__ == "__main__":

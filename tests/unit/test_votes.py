@@ -1,6 +1,6 @@
 """The stop votes of harness.loop: spaced by the interval the ranks agree on, timed by the batches."""
 
-from harness import loop
+from harness import preemption
 from harness.distributed import Local
 
 
@@ -33,30 +33,30 @@ def run(votes, batches, stop=False, start=0):
 
 def test_votes_are_spaced_by_the_agreed_interval():
     backend = Recorder(interval=5)
-    carried, said_stop = run(loop._StopVotes(backend, 0), 20)
+    carried, said_stop = run(preemption.StopVotes(backend, 0), 20)
     assert carried == [1, 6, 11, 16] and said_stop == []
 
 
 def test_a_resumed_run_votes_at_its_next_batch():
-    carried, _ = run(loop._StopVotes(Recorder(interval=3), 40), 48, start=40)
+    carried, _ = run(preemption.StopVotes(Recorder(interval=3), 40), 48, start=40)
     assert carried == [41, 44, 47]
 
 
 def test_proposed_interval_is_vote_seconds_over_the_step_time(monkeypatch):
     clock = iter(i * 0.002 for i in range(1000))  # every call 2 ms later: one batch takes 2 ms here
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(preemption.time, "perf_counter", lambda: next(clock))
     backend = Recorder(interval=1)
-    run(loop._StopVotes(backend, 0), 3)
+    run(preemption.StopVotes(backend, 0), 3)
     first, second = backend.started[0][1], backend.started[1][1]
     assert first == 1  # nothing timed yet
-    assert second == round(loop._StopVotes.VOTE_SECONDS / 0.002)
+    assert second == round(preemption.StopVotes.VOTE_SECONDS / 0.002)
 
 
 def test_stop_is_agreed_at_the_vote():
-    carried, said_stop = run(loop._StopVotes(Recorder(stop=True, interval=4), 0), 10)
+    carried, said_stop = run(preemption.StopVotes(Recorder(stop=True, interval=4), 0), 10)
     assert said_stop == carried == [1, 5, 9]
 
 
 def test_one_process_votes_every_batch():
-    carried, said_stop = run(loop._StopVotes(Local(), 0), 6, stop=True)
+    carried, said_stop = run(preemption.StopVotes(Local(), 0), 6, stop=True)
     assert carried == said_stop == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,112 @@
+"""Stops that must leave nothing behind: Ctrl-C everywhere, and a launcher that dies under its ranks."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import write_model_def
+from test_launchers import BIN, reports
+from test_long_runs import RESUME_CONFIG, RESUME_MODEL, start_and_wait_for_training
+
+from harness import checkpoint
+
+LONG = RESUME_CONFIG.replace("{batches: 30}", "{batches: 3000}")
+
+
+def rank_pids(output):
+    directory = output / ".harness" / "pids"
+    return [int((directory / name).read_text()) for name in sorted(os.listdir(directory))]
+
+
+def wait_gone(pids, seconds):
+    """Seconds until every pid is gone (or None if some are still alive after `seconds`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    return None
+
+
+def stop_line(output):
+    newest = checkpoint.checkpoint_dirs(str(output / "checkpoints"))
+    return newest[0] if newest else None
+
+
+def test_ctrl_c_in_one_process_checkpoints_and_exits_130(model_dir, tmp_path):
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    output = tmp_path / "out"
+    cmd = [os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]
+    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    line = next(x for x in stdout.splitlines() if x.startswith("stopped by SIGINT at batch "))
+    assert checkpoint.verify(line.split("checkpoint: ")[1].strip()) is None
+
+
+def test_ctrl_c_to_harness_launch_stops_the_job_and_exits_130(model_dir, tmp_path):
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    output = tmp_path / "out"
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
+           "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
+    pids = rank_pids(output)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "harness launch: stopped by SIGINT" in stdout
+    assert wait_gone(pids, 10) is not None
+    assert stop_line(output) is not None
+
+
+def test_sigkill_of_harness_launch_leaves_no_rank(model_dir, tmp_path):
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    output = tmp_path / "out"
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
+           "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
+    pids = rank_pids(output)
+    proc.kill()
+    proc.communicate(timeout=30)
+    gone_after = wait_gone(pids, 30)
+    assert gone_after is not None, "ranks still running 30 s after their supervisor was SIGKILLed"
+    saved = stop_line(output)
+    assert saved is not None and saved >= 1  # they agreed on a batch and checkpointed it
+    # The next run resumes from that checkpoint.
+    assert reports(output, "training")
+
+
+def test_sigterm_to_horovodrun_mpi_leaves_no_rank(model_dir, tmp_path):
+    """horovodrun --mpi becomes `sh -c mpirun ...`; SIGTERM ends that shell at once and mpirun lives on."""
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    output = tmp_path / "out"
+    cmd = [os.path.join(BIN, "horovodrun"), "--mpi", "-np", "2", "-H", "localhost:2",
+           os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
+    pids = rank_pids(output)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    gone_after = wait_gone(pids, 30)
+    assert gone_after is not None, "ranks still running 30 s after horovodrun --mpi was terminated"
+    assert stop_line(output) is not None
+    leftover = subprocess.run(["pgrep", "-f", f"--output {output}"], capture_output=True, text=True)
+    assert (
+        leftover.stdout.strip() == "" or wait_gone([int(p) for p in leftover.stdout.split()], 10) is not None
+    )
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
