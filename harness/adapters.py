@@ -9,6 +9,7 @@ is a third subclass here, not a change to the loop.
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,6 +19,7 @@ from harness import distributed, watchdog
 from harness.data import batch_records, batch_to_device, first_tensor, shard_validation_loader, to_device
 from harness.errors import HarnessError
 from harness.metrics import MetricAccumulator
+from harness.preemption import StopRequested
 from harness.trial import PyTorchTrial, defines
 
 COMMON = ("build_model", "optimizer")
@@ -240,11 +242,16 @@ class FullDatasetAdapter(BatchAdapter):
     ) -> Optional[Dict]:
         def run() -> Dict:
             model.eval()
-            with torch.no_grad():
+            interruptible = stop.interruptible() if stop is not None else contextlib.nullcontext()
+            with torch.no_grad(), interruptible:
                 result = self.trial.evaluate_full_dataset(loader, model)
             model.train()
             metrics = MetricAccumulator(device, self.validation_source)
             metrics.add(result)  # checks the values; plain numbers for every rank
             return metrics.reduce(distributed.Local())
 
-        return distributed.run_on_chief(backend, run)
+        try:
+            return distributed.run_on_chief(backend, run)
+        except StopRequested:  # a stop during it (on rank 0): abandoned on every rank
+            model.train()
+            return None

@@ -6,6 +6,7 @@ naming the function and the user's file and line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -16,8 +17,9 @@ import torch
 
 from harness import watchdog
 from harness.definition import ModelDefinition, positional_arity, user_frame
-from harness.errors import HarnessError
+from harness.errors import HarnessError, Interrupted
 from harness.lr_scheduler import LRScheduler
+from harness.preemption import StopRequested
 from harness.trial import defines
 
 
@@ -110,6 +112,7 @@ def download_once_per_machine(
     hparams: Dict[str, Any],
     backend: Any,
     download_timeout: Optional[float] = None,
+    stop: Any = None,
 ) -> Optional[str]:
     """Local rank 0 of each machine runs download_data; the exchange below is everyone's barrier.
 
@@ -122,17 +125,24 @@ def download_once_per_machine(
     outcome: Optional[Tuple[str, str]] = None
     if backend.local_rank == 0:
         try:
-            path = call_user(model_def.download_data, model_def, "download_data()", config_dict, hparams)
+            with stop.interruptible() if stop is not None else contextlib.nullcontext():
+                path = call_user(model_def.download_data, model_def, "download_data()", config_dict, hparams)
             if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
                 raise HarnessError(f"download_data() returned {path!r}, which is not an existing directory")
             outcome = ("ok", os.path.abspath(path))
         except HarnessError as e:
             outcome = ("error", str(e))
+        except StopRequested as e:  # SIGTERM / Ctrl-C: abandon the download; every rank stops
+            outcome = ("stopped", str(e))
     host = socket.gethostname()
     everyone = backend.allgather_object((host, outcome))
     for _, theirs in everyone:
         if theirs is not None and theirs[0] == "error":
             raise HarnessError(theirs[1])
+    for _, theirs in everyone:
+        if theirs is not None and theirs[0] == "stopped":
+            code = 130 if theirs[1] == "SIGINT" or (stop is not None and stop.exit_code) else 0
+            raise Interrupted(f"stopped by {theirs[1]} during download_data(); nothing trained yet", code)
     watchdog.current().phase("set-up")
     mine = [o for h, o in everyone if h == host and o is not None]
     if not mine:

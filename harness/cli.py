@@ -81,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
-    except Interrupted:  # Ctrl-C, after the checkpoint
-        code = Interrupted.exit_code
+    except Interrupted as e:  # Ctrl-C after the checkpoint, or a stop before training began
+        code = e.exit_code
+        if rank == 0 and "nothing trained" in str(e):
+            say(str(e))
     backend.shutdown()
     lock.release()
     return code

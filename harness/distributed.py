@@ -16,6 +16,7 @@ import torch
 
 from harness import watchdog
 from harness.errors import PeerFailure
+from harness.preemption import StopRequested
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -180,6 +181,8 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
         status, value = backend.broadcast_object(None)
         if status == "error":
             raise PeerFailure(f"rank 0 failed while working alone: {value}")
+        if status == "stopped":
+            raise StopRequested(value)
         return value
 
     done = threading.Event()
@@ -197,6 +200,8 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
     error: Optional[BaseException] = None
     try:
         outcome = ("ok", fn())
+    except StopRequested as e:
+        error, outcome = e, ("stopped", str(e))
     except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
         error, outcome = e, ("error", f"{type(e).__name__}: {e}")
     finally:

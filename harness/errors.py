@@ -15,9 +15,12 @@ class HarnessError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the ranks stopped at an agreed batch and checkpointed; the process exits 130."""
+    """A stop that is not a plain end of training: after Ctrl-C the process exits 130 (the ranks stopped
+    at an agreed batch and checkpointed), after a stop before training its message says so."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PeerFailure(Exception):

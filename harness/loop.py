@@ -99,7 +99,7 @@ def train(
 
     # Data: downloaded once per machine, then every rank's loaders, sharded across ranks.
     data_dir = build.download_once_per_machine(
-        model_def, config_dict, hparams, backend, config.download_timeout
+        model_def, config_dict, hparams, backend, config.download_timeout, stop
     )
     trial_api._set_context(hparams, data_dir)
     loaders = build.call_user(

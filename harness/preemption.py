@@ -12,12 +12,13 @@ within ORPHAN_EXIT_SECONDS (the others are gone too), the rank exits anyway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Substrings of an ancestor's command line that make it a launcher worth watching.
@@ -25,10 +26,16 @@ LAUNCHER_MARKS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "orte
 ORPHAN_EXIT_SECONDS = 30.0
 
 
+class StopRequested(BaseException):
+    """Raised inside user code that runs long on its own (download_data, evaluate_full_dataset) when a stop
+    is requested there; a BaseException, so that the user's ``except Exception`` does not swallow it."""
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
         self.exit_code = 0
+        self._interruptible = False
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 signal.signal(sig, self._handler)
@@ -39,6 +46,20 @@ class StopRequest:
                 raise KeyboardInterrupt  # a second Ctrl-C: abort now, no checkpoint
             self.exit_code = 130
         self.signal_name = signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            raise StopRequested(self.signal_name)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within this block a stop signal raises StopRequested at once (in the main thread)."""
+        if self.requested:
+            raise StopRequested(self.signal_name)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def request(self, why: str) -> None:
         """Ask for the agreed stop from code (not a signal): `why` is said in the stop's message."""

@@ -110,3 +110,85 @@ def test_sigterm_to_horovodrun_mpi_leaves_no_rank(model_dir, tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+SLOW_DOWNLOAD = """
+def download_data(config, hparams):
+    import os, time
+    open(os.environ["MARKER"], "a").close()
+    time.sleep(120)
+    return "/nonexistent"
+"""
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_sigterm_during_download_data_stops_within_seconds(launcher, model_dir, tmp_path):
+    from conftest import GOOD_DATA
+
+    write_model_def(model_dir, data=GOOD_DATA + SLOW_DOWNLOAD)
+    output, marker = tmp_path / "out", tmp_path / "downloading"
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", launcher, str(model_dir),
+           "--output", str(output)]  # fmt: skip
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], MARKER=str(marker))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "download_data did not start"
+    pids = rank_pids(output)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 15, stdout[-2000:]
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "stopped by SIGTERM during download_data(); nothing trained yet" in stdout
+    assert wait_gone(pids, 10) is not None
+
+
+SLOW_FULL_DATASET = """
+import os, time
+import torch
+from torch import nn
+import harness
+
+
+class Trial(harness.PyTorchTrial):
+    def build_model(self, hparams):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_batch(self, batch, model, epoch_idx, batch_idx):
+        time.sleep(0.02)
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def evaluate_full_dataset(self, data_loader, model):
+        open(os.environ["MARKER"], "a").close()
+        time.sleep(120)
+        return {"x": 1.0}
+"""
+
+
+def test_sigterm_during_evaluate_full_dataset_abandons_it(model_dir, tmp_path):
+    write_model_def(
+        model_dir,
+        model_def=SLOW_FULL_DATASET,
+        config=LONG.replace("batch: 20", "global_batch_size: 20").replace("metric: accuracy", "metric: x"),
+    )
+    output, marker = tmp_path / "out", tmp_path / "evaluating"
+    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
+           "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"MARKER": str(marker)}, output)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "evaluate_full_dataset did not start"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 15, stdout[-2000:]
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "stopped by SIGTERM at batch 5;" in stdout, stdout[-2000:]
+    assert stop_line(output) == 5
+    assert [e for e in reports(output, "validation") if e["batches"] == 5] == []
