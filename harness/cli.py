@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -12,43 +11,10 @@ import time
 import traceback
 from typing import List, Optional
 
+from harness import jobstate
 from harness.errors import HarnessError, Interrupted, PeerFailure, say
+from harness.options import parse_args
 from harness.outputlock import LockRefused, OutputLock
-
-USAGE_EPILOG = """\
-launch:
-  harness ./model_def                       one process
-  horovodrun -np 2 harness ./model_def      two ranks (Gloo or MPI)
-  mpirun -np 2 harness ./model_def          two ranks under Open MPI
-  harness launch -np 2 ./model_def          two ranks, restarted from the newest checkpoint on failure
-
-other commands:
-  harness plot OUTPUT                       OUTPUT/curves.png: training loss and validation metrics
-  harness summary OUTPUT                    best and last validation metrics, checkpoints
-
-exit status: 0 success, 2 bad input (model definition, config, data), 1 any other failure.
-Set HARNESS_TRACEBACK=1 to see full tracebacks.
-"""
-
-
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="harness",
-        description="Train a PEDL-style PyTorchTrial model definition with data-parallel Horovod.",
-        epilog=USAGE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("model_def", help="model definition directory (holding model_def.py)")
-    p.add_argument(
-        "--config", help="experiment config YAML (default: experiment.yaml or const.yaml in model_def)"
-    )
-    p.add_argument("--output", default="output", help="output directory (default: ./output)")
-    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output; start over")
-    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder")
-    p.add_argument(
-        "--quiet", action="store_true", help="no progress bar (also off when stdout is no terminal)"
-    )
-    return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     backend = distributed.init()
     distributed.set_threads(backend)
-    _register_rank(args.output, backend.rank)
+    jobstate.register_rank(args.output, backend.rank)
     # Under a launcher stdout is forwarded line by line (Open MPI even gives ranks a pty, so isatty() is
     # true): a bar's carriage returns and split writes would garble the tagged lines.
     progress_bar = not args.quiet and sys.stdout.isatty() and not distributed.under_launcher()
@@ -90,32 +56,6 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def state_dir(output: str) -> str:
-    """OUTPUT/.harness: per-run bookkeeping shared with `harness launch` on the same machine."""
-    return os.path.join(output, ".harness")
-
-
-def _register_rank(output: str, rank: int) -> None:
-    """Let a supervising `harness launch` find this rank (to pass SIGTERM on to it directly)."""
-    directory = os.path.join(state_dir(output), "pids")
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"rank{rank}"), "w") as f:
-        f.write(str(os.getpid()))
-
-
-def _record_failure(output: Optional[str], message: str, code: int, rank: int, consequential: bool) -> None:
-    """Leave the error for a supervising `harness launch` (it does not retry bad input, status 2)."""
-    if not output:
-        return
-    try:
-        os.makedirs(state_dir(output), exist_ok=True)
-        with open(os.path.join(state_dir(output), f"failure-rank{rank}.json"), "w") as f:
-            record = {"rank": rank, "exit_code": code, "message": message, "consequential": consequential}
-            json.dump({**record, "time": time.time()}, f)
-    except OSError:
-        pass
-
-
 def _fail(message: str, code: int, consequential: bool, output: Optional[str] = None) -> None:
     """Print one line and exit at once, without Python's (or Horovod's) exit handlers.
 
@@ -128,7 +68,7 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
 
     watchdog.current().disarm()  # this process ends now; waiting below is not a stall
     rank = env_rank()
-    _record_failure(output, message, code, rank, consequential)
+    jobstate.record_failure(output, message, code, rank, consequential)
     if threading.current_thread() is threading.main_thread():  # (the stall watchdog calls from its own)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:
@@ -152,9 +92,13 @@ SUBCOMMANDS = ("launch", "plot", "summary")
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        from harness import tools
-
         try:
+            if argv[0] == "launch":
+                from harness import launch
+
+                return launch.launch(argv[1:])
+            from harness import tools
+
             return tools.main(argv)
         except HarnessError as e:
             say(f"harness: error: {e}", sys.stderr)
