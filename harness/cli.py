@@ -63,12 +63,15 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
     wait a moment first so that the job shows one line, not N. An error that is a consequence of another
     rank's death (a broken collective) waits too, so the root cause is what the user sees.
     """
-    from harness import watchdog
+    from harness import preemption, watchdog
     from harness.distributed import env_rank
 
     watchdog.current().disarm()  # this process ends now; waiting below is not a stall
     rank = env_rank()
     jobstate.record_failure(output, message, code, rank, consequential)
+    if consequential and preemption.received:  # the launcher is already stopping us: say nothing more
+        sys.stdout.flush()
+        os._exit(code)
     if threading.current_thread() is threading.main_thread():  # (the stall watchdog calls from its own)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -30,7 +32,56 @@ def _launch_command(launcher: str, np_: int, hosts: Optional[str], harness_args:
     return [horovodrun, *flag, "-np", str(np_), "-H", hosts, *harness]
 
 
-def _root_cause(state: str, failures: List[Dict[str, Any]], rc: int) -> str:
+# How launchers report a rank's end: horovodrun --gloo "Process 1 exit with status code 137", Open MPI
+# "... process rank 1 with PID 4242 on node n1 exited on signal 9 (Killed)".
+_EXIT_PATTERNS = (
+    re.compile(r"Process (?P<rank>\d+) exit with status code (?P<status>-?\d+)"),
+    re.compile(r"process rank (?P<rank>\d+) with PID \d+ on node \S+ exited on signal (?P<signal>\d+)"),
+)
+
+
+class _Output:
+    """Passes the launcher's output through, line by line, noting how each rank ended."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.exits: Dict[int, str] = {}
+        self.threads = [
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+            for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        for raw in iter(src.readline, b""):
+            dst.buffer.write(raw)
+            dst.flush()
+            line = raw.decode(errors="replace")
+            for pattern in _EXIT_PATTERNS:
+                m = pattern.search(line)
+                if m:
+                    self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=5)  # an orphaned process may still hold the pipe: do not wait for it
+
+
+def _how(found: Dict[str, Optional[str]]) -> str:
+    number = int(found["signal"]) if found.get("signal") else None
+    if number is None and found.get("status"):
+        status = int(found["status"])
+        number = -status if status < 0 else status - 128 if status > 128 else None
+        if number is None:
+            return f"exited with status {status}"
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"was killed by {name}"
+
+
+def _root_cause(state: str, failures: List[Dict[str, Any]], rc: int, exits: Dict[int, str]) -> str:
     """What ended the job: a rank's own error first; else a rank that died without a word (killed: its
     pid is registered but it left no error), before the errors the others got from its absence."""
     own = [f for f in failures if not f.get("consequential")]
@@ -42,12 +93,16 @@ def _root_cause(state: str, failures: List[Dict[str, Any]], rc: int) -> str:
         rank = int(os.path.basename(path)[4:])
         if rank not in reported:
             with open(path) as f:
-                silent.append(f"rank {rank} (pid {f.read().strip()})")
+                silent.append((rank, f"rank {rank} (pid {f.read().strip()})"))
     if silent:
         after = f"; then: {failures[0]['message']}" if failures else ""
+        known = [f"{who} {exits[rank]}" for rank, who in silent if rank in exits]
+        if known:
+            return f"{', '.join(known)}, without an error of its own{after}"
+        who = ", ".join(w for _, w in silent)
         return (
-            f"{', '.join(silent)} died without an error of its own (killed by a signal: SIGKILL, the "
-            f"out-of-memory killer, a crash?){after}"
+            f"{who} died without an error of its own (killed by a signal: SIGKILL, the out-of-memory "
+            f"killer, a crash?){after}"
         )
     if failures:
         return failures[0]["message"]
@@ -116,7 +171,10 @@ def launch(argv: List[str]) -> int:
         shutil.rmtree(state, ignore_errors=True)
         command = _launch_command(args.launcher, args.np, args.hosts, harness_args)
         print(f"harness launch: {' '.join(command)}", flush=True)
-        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        output = _Output(proc)
         deadline = None
         while True:
             try:
@@ -127,6 +185,7 @@ def launch(argv: List[str]) -> int:
                     deadline = time.monotonic() + 60
                 if deadline is not None and time.monotonic() > deadline:
                     os.killpg(proc.pid, signal.SIGKILL)
+        output.join()
         if terminating:
             name = signal.Signals(terminating[0]).name
             print(f"harness launch: stopped by {name}; the job exited with status {rc}", flush=True)
@@ -140,7 +199,7 @@ def launch(argv: List[str]) -> int:
         if bad_input:  # bad input, a full disk: running it again would fail the same way
             print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
             return HarnessError.exit_code
-        cause = _root_cause(state, failures, rc)
+        cause = _root_cause(state, failures, rc, output.exits)
         if restarts >= max_restarts:
             print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
             return rc or 1

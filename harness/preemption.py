@@ -26,6 +26,11 @@ LAUNCHER_MARKS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "orte
 ORPHAN_EXIT_SECONDS = 30.0
 
 
+# The last stop signal this process received (read by the CLI: a rank that the launcher is already
+# stopping does not add a consequential error line to the root cause's).
+received: Optional[str] = None
+
+
 class StopRequested(BaseException):
     """Raised inside user code that runs long on its own (download_data, evaluate_full_dataset) when a stop
     is requested there; a BaseException, so that the user's ``except Exception`` does not swallow it."""
@@ -41,6 +46,8 @@ class StopRequest:
                 signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
+        global received
+        received = signal.Signals(signum).name
         if signum == signal.SIGINT:
             if self.exit_code == 130:
                 raise KeyboardInterrupt  # a second Ctrl-C: abort now, no checkpoint

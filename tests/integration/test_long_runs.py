@@ -83,8 +83,10 @@ def final_weights(output):
     return latest, torch.load(os.path.join(root, latest, "model.pt"), weights_only=True)
 
 
-def test_resume_after_sigkill_is_exact(model_dir, tmp_path):
-    write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
+def kill_and_resume_matches_straight(model_dir, tmp_path):
+    """Run the job straight; then with rank 1 SIGKILLed at a random batch, and the same command again.
+    Checks the resume point, the final weights (<= 1e-6) and every report; returns (reports of both runs,
+    the resumed output, the kill batch)."""
     proc, _ = run_with_env(horovodrun("gloo", model_dir, tmp_path / "straight"), {})
     assert_ok(proc)
 
@@ -108,6 +110,7 @@ def test_resume_after_sigkill_is_exact(model_dir, tmp_path):
     a, b = reports(tmp_path / "straight"), reports(killed)
     assert [(e["type"], e["batches"]) for e in a] == [(e["type"], e["batches"]) for e in b], kill_at
     for x, y in zip(a, b):
+        assert set(x["metrics"]) == set(y["metrics"]), (x, y)
         for k, v in x["metrics"].items():
             assert y["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (
                 x["type"],
@@ -115,6 +118,12 @@ def test_resume_after_sigkill_is_exact(model_dir, tmp_path):
                 k,
                 kill_at,
             )
+    return (a, b), killed, kill_at
+
+
+def test_resume_after_sigkill_is_exact(model_dir, tmp_path):
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
+    _, killed, _ = kill_and_resume_matches_straight(model_dir, tmp_path)
     # Retention: the newest 2 and the best 1 by accuracy.
     kept = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
     assert 30 in kept and 28 in kept and len(kept) <= 3
@@ -278,7 +287,7 @@ def test_launch_names_a_killed_rank_as_the_cause(model_dir, tmp_path):
     proc, _ = run_with_env(cmd, {"KILL_AT": "4", "MARKER": str(tmp_path / "killed")}, timeout=180)
     assert_ok(proc)
     line = next(x for x in proc.stdout.splitlines() if "harness launch: restart 1 of 1 after failure:" in x)
-    assert "rank 1 (pid " in line and "died without an error of its own" in line, line
+    assert "rank 1 (pid " in line and "was killed by SIGKILL, without an error of its own" in line, line
     assert "HorovodInternalError" not in line.split("; then:")[0]
 
 

@@ -2,12 +2,11 @@
 evaluate_full_dataset, create_lr_scheduler, PEDL-era configs, and their errors."""
 
 import os
-import random
 
 import pytest
 from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, SAMPLES, write_model_def
 from test_launchers import LAUNCHERS, assert_no_rank_traceback, assert_ok, launch, reports
-from test_long_runs import RESUME_CONFIG, final_weights, horovodrun, run_with_env
+from test_long_runs import RESUME_CONFIG, horovodrun, kill_and_resume_matches_straight, run_with_env
 
 RANK = 'os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))'
 
@@ -311,37 +310,7 @@ def test_resume_after_sigkill_with_lr_scheduler_is_exact(step_mode, model_dir, t
     assert "checkpoint_policy: none" in RESUME_CONFIG  # else validations add checkpoints (resume batch moves)
     config = RESUME_CONFIG.replace("batch: 20", f"global_batch_size: 20\n  step_mode: {step_mode}")
     write_model_def(model_dir, model_def=RESUME_BATCH_MODEL, config=config)
-    proc, _ = run_with_env(horovodrun("gloo", model_dir, tmp_path / "straight"), {})
-    assert_ok(proc)
-
-    kill_at = random.Random().randint(6, 27)  # mid-epoch or not (15 batches per epoch)
-    env = {"KILL_AT": str(kill_at), "MARKER": str(tmp_path / "killed")}
-    killed = tmp_path / "killed-run"
-    proc, _ = run_with_env(horovodrun("gloo", model_dir, killed), env)
-    assert proc.returncode != 0 and os.path.exists(tmp_path / "killed"), (
-        f"kill at {kill_at}: {proc.stderr[-2000:]}"
-    )
-    proc, _ = run_with_env(horovodrun("gloo", model_dir, killed), env)  # the same command again
-    assert_ok(proc)
-    resumed_at = (kill_at - 1) // 4 * 4
-    assert f"resuming from {killed}/checkpoints/{resumed_at} at batch {resumed_at}" in proc.stdout, kill_at
-
-    batch_a, straight = final_weights(tmp_path / "straight")
-    batch_b, resumed = final_weights(killed)
-    assert batch_a == batch_b == "30"
-    for name, tensor in straight.items():
-        assert (tensor - resumed[name]).abs().max().item() <= 1e-6, (name, kill_at)
-    a, b = reports(tmp_path / "straight"), reports(killed)
-    assert [(e["type"], e["batches"]) for e in a] == [(e["type"], e["batches"]) for e in b], kill_at
-    for x, y in zip(a, b):
-        assert set(x["metrics"]) == set(y["metrics"]), (x, y)
-        for k, v in x["metrics"].items():
-            assert y["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (
-                x["type"],
-                x["batches"],
-                k,
-                kill_at,
-            )
+    (a, b), _, kill_at = kill_and_resume_matches_straight(model_dir, tmp_path)
     for run in (a, b):
         lrs = [(e["batches"], e["metrics"]["lr"]) for e in run if e["type"] == "training"]
         assert len(lrs) == 10

@@ -112,6 +112,19 @@ if __name__ == "__main__":
     pytest.main([__file__, "-q"])
 
 
+def test_sigterm_to_mpirun_leaves_no_rank(model_dir, tmp_path):
+    """Plain mpirun forwards SIGTERM to the ranks and kills them 1 s later (odls_base_sigkill_timeout)."""
+    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    output = tmp_path / "out"
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "SLOW",
+           os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]  # fmt: skip
+    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
+    pids = rank_pids(output)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert wait_gone(pids, 30) is not None, "ranks still running 30 s after mpirun was terminated"
+
+
 SLOW_DOWNLOAD = """
 def download_data(config, hparams):
     import os, time

@@ -91,7 +91,10 @@ def test_entrypoint_picks_one_of_several(model_dir, tmp_path):
         ),
         (dict(config=GOOD_CONFIG + "bogus: 1\n"), "unknown config key 'bogus'"),
         (dict(config=GOOD_CONFIG.replace("batch: 20", "batch: 0")), "batch_size() returned 0"),
-        (dict(config=GOOD_CONFIG + "searcher:\n  metric: nope\n"), None),  # duplicate key: YAML keeps last
+        (
+            dict(config=GOOD_CONFIG + "searcher:\n  metric: nope\n"),
+            "duplicate key 'searcher' at the top level",
+        ),
     ],
 )
 def test_bad_definitions_give_one_clear_line(model_dir, tmp_path, files, expected):
