@@ -20,14 +20,16 @@ from harness.outputlock import LockRefused, OutputLock
 def run(args: argparse.Namespace) -> int:
     # Imports here so that `harness --help` is instant and argument errors need no torch.
     from harness import config as config_mod
-    from harness import definition, distributed, loop, watchdog
+    from harness import definition, distributed, loop, optimizations, watchdog
 
     model_dir = args.model_def
     if not os.path.exists(model_dir):
         raise HarnessError(f"model definition directory {os.path.abspath(model_dir)} does not exist")
     cfg = config_mod.load_for_model(model_dir, args.config)
+    # Horovod's tuning variables, before hvd.init() on every rank; the user's own environment wins.
+    conflicts = optimizations.apply_to_horovod(cfg.optimizations)
     if distributed.env_rank() == 0:  # every rank loads the config; say it once
-        for line in cfg.warnings:
+        for line in cfg.warnings + conflicts:
             say(f"harness: warning: {line}", sys.stderr)
     rank = distributed.env_rank()
     lock = OutputLock(args.output)

@@ -16,7 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness import optimizations
 from harness.errors import HarnessError
+from harness.optimizations import OptimizationsConfig, TrainingOptions
 from harness.yaml_load import load_yaml_file
 
 LENGTH_UNITS = ("batches", "epochs", "records")
@@ -54,8 +56,6 @@ _CLUSTER_SUBKEYS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     ),
     "searcher": (("source_trial_id", "source_checkpoint_uuid"), "start from a checkpoint with --resume"),
 }
-# Determined keys this harness does not support (yet): an error, not silently different training.
-_REFUSED_KEYS = {"optimizations": "not supported yet"}
 
 # Field metadata: "internal" fields are set by parse_config, never read from YAML nor written by as_dict;
 # "input_only" fields are read from YAML but folded into others, so as_dict leaves them out.
@@ -120,6 +120,7 @@ class ExperimentConfig:
     stall_timeout: int = 600  # seconds without progress on a rank before the job ends (watchdog.py)
     download_timeout: int = 3600  # the same for download_data(), which may take longer
     max_restarts: int = 5  # used by `harness launch`
+    optimizations: OptimizationsConfig = field(default_factory=optimizations.defaults)
     # Set by parse_config. Equality means "trains the same", so what was ignored and said about it is
     # left out of it; slots_per_trial is not (the loop checks it against the launcher's ranks).
     slots_per_trial: Optional[int] = field(default=None, metadata=_INTERNAL)  # resources.slots_per_trial
@@ -134,6 +135,11 @@ class ExperimentConfig:
         plain = _to_plain(self)
         plain.update({k: copy.deepcopy(v) for k, v in self.ignored.items() if "." not in k})
         return plain
+
+    @property
+    def training_options(self) -> TrainingOptions:
+        """Aggregation, precision, clipping, compression: both spellings resolved (parse_config)."""
+        return optimizations.training_options(self.optimizations)
 
 
 def _schema_fields(tp: Any) -> List[dataclasses.Field]:
@@ -189,8 +195,6 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         for k in value:
             if k not in known:
                 where = f"{key}.{k}" if key else str(k)
-                if where in _REFUSED_KEYS:
-                    raise HarnessError(f"config key '{where}': {_REFUSED_KEYS[where]}; remove it")
                 hint = _did_you_mean(k, key, known)
                 raise HarnessError(f"unknown config key '{where}' (known: {', '.join(sorted(known))}){hint}")
         kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
@@ -212,7 +216,7 @@ def _did_you_mean(name: Any, section: str, known: Any) -> str:
     """A typo of a schema key or of an ignored cluster key (`resorces`) gets a suggestion."""
     candidates = set(known)
     if not section:
-        candidates |= set(_CLUSTER_KEYS) | set(_REFUSED_KEYS)
+        candidates |= set(_CLUSTER_KEYS)
     candidates |= set(_CLUSTER_SUBKEYS.get(section, ((), ""))[0])
     close = difflib.get_close_matches(str(name), sorted(candidates), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -358,12 +362,15 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         _resolve_steps(cfg, rest)
         _validate(cfg)
         cfg.hyperparameters = _resolve_hyperparameters(cfg.hyperparameters)
+        block = cfg.optimizations if "optimizations" in rest else OptimizationsConfig()
+        cfg.optimizations = optimizations.merge(block, cfg.hyperparameters)
         cfg.slots_per_trial = _slots_per_trial(ignored.get("resources"))
     except HarnessError as e:
         raise HarnessError(f"{source}: {e}") from None
     cfg.ignored = ignored
     if ignored:
         cfg.warnings = [f"{source}: {_ignored_warning(ignored)}"]
+    cfg.warnings += [f"{source}: {line}" for line in optimizations.notes(cfg.optimizations)]
     return cfg
 
 

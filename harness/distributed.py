@@ -65,9 +65,9 @@ class Local:
         return obj
 
     def wrap_optimizer(
-        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Any = None
     ) -> torch.optim.Optimizer:
-        return optimizer
+        return optimizer  # aggregation happens in OptimizerStep; compression has nothing to compress
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         pass
@@ -132,9 +132,19 @@ class Horovod:
         return _loads(self.hvd.broadcast_object(_dumps(obj), root_rank=0, name="harness.bcast"))
 
     def wrap_optimizer(
-        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, options: Any = None
     ) -> torch.optim.Optimizer:
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        """hvd.DistributedOptimizer; with aggregation k it allreduces once every k backward passes
+        (OptimizerStep calls synchronize() at the end of each window), with compression in fp16."""
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            backward_passes_per_step=options.aggregation_frequency if options else 1,
+            compression=hvd.Compression.fp16
+            if options and options.gradient_compression
+            else hvd.Compression.none,
+        )
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         # Optimizer state is not broadcast with hvd.broadcast_optimizer_state: on a fresh optimizer that

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from harness.config import parse_config
 from harness.errors import HarnessError
 
 # Dotted config keys (and their subkeys) that a resume may change.
@@ -28,6 +29,12 @@ MAY_CHANGE = (
     "checkpoint_storage",
     "scheduling_unit",
     "max_restarts",
+    # Speed, not what is trained.
+    "optimizations.tensor_fusion_threshold",
+    "optimizations.tensor_fusion_cycle_time",
+    "optimizations.auto_tune_tensor_fusion",
+    "optimizations.average_training_metrics",
+    "optimizations.grad_updates_size_file",
     # Cluster settings the harness ignores anyway.
     "resources",
     "environment",
@@ -65,7 +72,12 @@ def check_config(saved: Dict[str, Any], now: Dict[str, Any], checkpoint_path: st
     before, after = _flat(saved), _flat(now)
     if after.get("reproducibility.experiment_seed") is None:  # a drawn seed is kept from the checkpoint
         after["reproducibility.experiment_seed"] = before.get("reproducibility.experiment_seed")
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    defaults = _flat(parse_config({}).as_dict())  # a key added since the checkpoint, at its default
+    changed = sorted(
+        k
+        for k in set(before) | set(after)
+        if before.get(k) != after.get(k) and not (k not in before and after.get(k) == defaults.get(k))
+    )
     refused = [k for k in changed if not _may_change(k)]
     if refused:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in refused[:4])

@@ -47,7 +47,8 @@ def test_checkpoint_contents(model_dir, tmp_path):
     assert ckpt.state["progress"] == {"batches": 6, "records": 120, "epoch_index": 0, "batch_in_epoch": 6}
     assert ckpt.state["hparams"] == {"batch": 20} and ckpt.state["seed"] == 1
     assert set(ckpt.state["validation_metrics"]) == {"accuracy", "loss"}
-    assert set(ckpt.trainer["rng"][0]) == {"now", "epoch_start"}
+    assert set(ckpt.trainer["rng"][0]) == {"now", "epoch_start", "grads"}
+    assert ckpt.trainer["rng"][0]["grads"] is None  # not in mid aggregation window
     assert set(ckpt.trainer["rng"][0]["now"]) == {"python", "numpy", "torch", "cuda"}
     assert "1.weight" in ckpt.model and ckpt.optimizer["param_groups"][0]["lr"] == 0.1
     assert not [n for n in os.listdir(root) if n.startswith(".tmp")]

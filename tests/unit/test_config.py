@@ -270,15 +270,6 @@ def test_attributes_set_by_the_parser_are_not_config_keys(key):
         parse_config({key: []})
 
 
-def test_optimizations_is_refused_as_not_supported_yet():
-    with pytest.raises(HarnessError) as e:
-        parse_config({"optimizations": {"aggregation_frequency": 2}}, "exp.yaml")
-    msg = str(e.value)
-    assert msg.startswith("exp.yaml: config key 'optimizations'")
-    assert "not supported yet" in msg
-    assert "unknown config key" not in msg
-
-
 @pytest.mark.parametrize("slots", [0, 1, 8])
 def test_slots_per_trial_is_stored(slots):
     cfg = parse_config({"resources": {"slots_per_trial": slots, "weight": 1, "native_parallel": False}})
