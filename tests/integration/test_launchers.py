@@ -36,9 +36,9 @@ def command(launcher, np, model_dir, output, *args):
     ]
 
 
-def launch(launcher, np, model_dir, output, *args, timeout=180):
-    """Run the job; returns (CompletedProcess, seconds)."""
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+def launch(launcher, np, model_dir, output, *args, timeout=180, env=None):
+    """Run the job (`env`: extra variables); returns (CompletedProcess, seconds)."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **(env or {}))
     start = time.monotonic()
     proc = subprocess.run(
         command(launcher, np, model_dir, output, *args),
