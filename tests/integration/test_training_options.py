@@ -166,3 +166,16 @@ def test_fp16_scaler_with_horovod_skips_the_same_steps_on_every_rank(tmp_path):
     assert results[0]["skipped"] == results[1]["skipped"] == results[0]["expected_skips"]
     for name in results[0]["weights"]:
         assert torch.equal(results[0]["weights"][name], results[1]["weights"][name]), name
+
+
+def test_sample_config_with_training_options(tmp_path):
+    sample = os.path.join(ROOT, "samples", "pedl_train_batch")
+    proc, _ = launch(
+        "mpi", 2, sample, tmp_path / "out", "--config", os.path.join(sample, "optimizations.yaml")
+    )
+    assert_ok(proc)
+    assert "aggregation 2, bf16 autocast, clip L2 norm 5" in proc.stdout
+    assert reports(tmp_path / "out", "validation")[-1]["metrics"]["validation_error"] < 0.2
+    # StepLR(step_size=40) steps once per optimizer step (every 2 batches): the rate halves after batch 80.
+    lrs = [e["metrics"]["lr"] for e in reports(tmp_path / "out", "training")]
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
