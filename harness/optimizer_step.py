@@ -45,9 +45,10 @@ class OptimizerStep:
             (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
         )
         self.scaler = torch.amp.GradScaler(device_type) if options.precision == "fp16" else None
-        self._scale = self.scaler.get_scale() if self.scaler else None
         self.pending = 0  # batches whose gradients are accumulated but not yet applied
-        self.skipped = 0  # optimizer steps the GradScaler skipped (inf/NaN gradients), in total
+        # Optimizer steps the GradScaler skipped (inf/NaN gradients), counted on the device: reading the
+        # scale as a number every step would make the CPU wait for the GPU before queueing the next batch.
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._skipped_reported = 0
         self.optimizer.zero_grad()
 
@@ -89,11 +90,9 @@ class OptimizerStep:
             else:
                 opt.step()
         if scaler is not None:
+            before = scaler._scale.clone()  # type: ignore[union-attr]  # the device tensor
             scaler.update()
-            scale = scaler.get_scale()  # lower after a skipped step (GradScaler.step has synced already)
-            if scale < self._scale:  # type: ignore[operator]
-                self.skipped += 1
-            self._scale = scale
+            self._skipped += scaler._scale < before  # the scale backs off exactly after a skipped step
         opt.zero_grad()
         self.pending = 0
         if self._every_batch:
@@ -104,6 +103,11 @@ class OptimizerStep:
         if self._every_epoch:
             self.scheduler.scheduler.step()  # type: ignore[union-attr]
 
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps skipped by the fp16 loss scaler so far (0 without one)."""
+        return int(self._skipped.item())
+
     def report(self) -> Dict[str, Any]:
         """What a training report adds: `lr` (the rate the last step used), and under fp16 the loss scale and
         the steps skipped since the last report. The same on every rank."""
@@ -112,9 +116,10 @@ class OptimizerStep:
         if lrs is not None:
             out["lr"] = lrs[0] if len(lrs) == 1 else lrs
         if self.scaler is not None:
-            out["loss_scale"] = self._scale
-            out["skipped_steps"] = self.skipped - self._skipped_reported
-            self._skipped_reported = self.skipped
+            skipped = self.skipped
+            out["loss_scale"] = self.scaler.get_scale()
+            out["skipped_steps"] = skipped - self._skipped_reported
+            self._skipped_reported = skipped
         return out
 
     def _learning_rates(self) -> Optional[List[float]]:
@@ -148,8 +153,8 @@ class OptimizerStep:
         self._load_scheduler(state.get("lr_scheduler"))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-            self._scale = self.scaler.get_scale()
-            self.skipped = self._skipped_reported = int(state.get("skipped", 0))
+            self._skipped_reported = int(state.get("skipped", 0))
+            self._skipped.fill_(self._skipped_reported)
         pending = int(state.get("pending", 0))
         if pending == 0:
             return

@@ -27,7 +27,6 @@ optimizer = hvd.DistributedOptimizer(
 )
 step = OptimizerStep(optimizer, None, options, torch.device("cpu"))
 step.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # small enough not to overflow by itself
-step._scale = step.scaler.get_scale()
 data = torch.Generator().manual_seed(1 + hvd.rank())
 for batch in range(1, 13):
     x = torch.randn(8, 16, generator=data)
