@@ -4,9 +4,11 @@ Both train ResNet-18 (11.2 M parameters) on synthetic 3x64x64 images, 10 classes
 momentum, from the same generated experiment config (tests/gpu/amp_model: model definition, network, data;
 tests/gpu/amp_loop.py: the hand-written loop), in fp32, fp16 (``mixed_precision: O1``: autocast + GradScaler)
 and bf16 (autocast, no scaler). Each run is a fresh process, the two contenders back to back in alternating
-order, ``--reps`` times. Measured inside each process by the probe of amp_model/amp_common.py: training
-samples/s between the end of the warm-up and the last batch (CUDA events at every training forward pass, no
-extra synchronisation), and the peak GPU memory of training (``torch.cuda.max_memory_allocated``).
+order, ``--reps`` times; one GPU, so each contender is one plain process and neither initialises Horovod (the
+harness's one-rank mode leaves Horovod out, and amp_loop.py does the same: see there). Measured inside each
+process by the probe of amp_model/amp_common.py: training samples/s between the end of the warm-up and the
+last batch (CUDA events at every training forward pass, no extra synchronisation), and the peak GPU memory of
+training after the warm-up (``torch.cuda.max_memory_allocated``).
 
     python tests/gpu/amp_bench.py                          # on a GPU machine: the numbers (a few minutes)
     python tests/gpu/amp_bench.py --quick                  # tiny sizes, one repetition (a plumbing check)
@@ -59,7 +61,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         report_every=50,
         workers=4,
         reps=2,
-        timeout=900,
+        timeout=300,
     ),
     "quick": dict(
         image_size=32,
@@ -267,9 +269,18 @@ def summarize(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict
                     "loss_scale": mine[0]["loss_scale"],
                     "skipped_steps": mine[0]["skipped_steps"],
                     "validation": mine[0]["validation"],
+                    # The same model, data and batch order: the loss curves agree (exactly on the CPU).
+                    "loss_gap_vs_hand_written": loss_gap(mine[0], base.get(mine[0]["rep"])),
                 }
             )
     return out
+
+
+def loss_gap(row: Dict[str, Any], base: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The largest relative difference between two runs' reported training losses (None: not comparable)."""
+    if base is None or len(row["losses"]) != len(base["losses"]) or not row["losses"]:
+        return None
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], base["losses"]))
 
 
 def ok(row: Dict[str, Any], precision: str, contender: str) -> bool:
@@ -316,17 +327,18 @@ def table(summary: List[Dict[str, Any]], args: argparse.Namespace, info: Dict[st
         f"{args.reps} repetition(s); "
         f"one process on {what} (torch {info.get('torch')}, CUDA {info.get('cuda')})",
         "",
-        "| precision | contender | samples/s | vs hand-written | peak GPU MiB (train, allocated) | "
-        "loss first → last | loss scale | skipped steps |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| precision | contender | samples/s | vs hand-written | peak GPU MiB (training, allocated) | "
+        "peak RSS MiB | loss first → last | loss scale | skipped steps |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in summary:
         if s["samples_per_s"] is None:
-            lines.append(f"| {s['precision']} | {s['contender']} | failed | | | | | |")
+            lines.append(f"| {s['precision']} | {s['contender']} | failed | | | | | | |")
             continue
         lines.append(
             f"| {s['precision']} | {s['contender']} | {fmt(s['samples_per_s'])} | "
             f"{fmt(s['vs_hand_written'], '.3f')} | {fmt(s['peak_train_allocated_mib'])} | "
+            f"{fmt(s['max_rss_mib'])} | "
             f"{s['loss_first']:.3f} → {s['loss_last']:.3f} | {fmt(s['loss_scale'], 'g')} | "
             f"{s['skipped_steps'] if s['precision'] == 'fp16' else '-'} |"
         )

@@ -10,15 +10,16 @@ the same by construction; both read their sizes from the same experiment config.
 - ``datasets``: synthetic, fixed-seed images: a smooth random pattern per class plus uniform noise, so the
   task is learnable (the loss falls within a few dozen batches) and nothing is downloaded.
 - The probe (armed when ``AMP_BENCH_OUT`` is set): stamps the start of every training forward pass (a CUDA
-  event on the GPU, so the loop is never synchronised for it; ``perf_counter`` on the CPU). Training
-  samples/s is the records of the batches between the end of the warm-up and the last batch over the time
-  between their forward starts; every one of those batches' steps has been queued before the last stamp.
-  Forward passes rather than optimizer steps are stamped because the GradScaler skips ``optimizer.step()``
-  after an inf/NaN gradient, so a step hook would miss batches. At the first ``model.eval()`` after
-  training (validation) the probe writes ``$AMP_BENCH_OUT/probe.json``: the rate, the peak GPU memory of
-  training (``torch.cuda.max_memory_allocated``/``max_memory_reserved``), and the autocast state and
-  output dtype seen in the first training forward pass (which show what the contender really ran). It
-  writes the file again at exit with the peak over the whole process.
+  event on the GPU, so nothing is synchronised for it; ``perf_counter`` on the CPU). Training samples/s:
+  the records of the batches from the first one after the warm-up to the one before the last, over the time
+  between the first one's stamp and the last batch's (on the GPU stream, every step of those batches comes
+  before that stamp). Forward passes are stamped rather than optimizer steps because the GradScaler skips
+  ``optimizer.step()`` after an inf/NaN gradient, so a step hook would miss batches. At the first
+  ``model.eval()`` after training (validation) the probe writes ``$AMP_BENCH_OUT/probe.json``: the rate;
+  the peak GPU memory of steady training (``torch.cuda.max_memory_allocated``/``max_memory_reserved``
+  since the end of the warm-up, so without cuDNN's autotuning workspaces); the autocast state and the
+  network's output dtype in the first training forward pass (what the contender really ran). It writes
+  the file again at exit, adding the peak since the warm-up over the whole run (validation included).
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def loader_kwargs(data: Dict[str, Any], device_type: str) -> Dict[str, Any]:
 # The probe.
 
 
+def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    """(autocast on?, its dtype or None) for `device_type`; torch < 2.4 has only the per-device functions."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return on, (torch.get_autocast_dtype(device_type) if on else None)
+    except (TypeError, AttributeError):
+        if device_type == "cuda":
+            on = torch.is_autocast_enabled()
+            return on, (torch.get_autocast_gpu_dtype() if on else None)
+        on = torch.is_autocast_cpu_enabled()
+        return on, (torch.get_autocast_cpu_dtype() if on else None)
+
+
 _RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
@@ -190,8 +204,7 @@ class Probe:
         self.forwards += 1
         if self.forwards == 1:
             self.cuda = x.is_cuda
-            autocast = torch.is_autocast_enabled(x.device.type)
-            dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
+            autocast, dtype = _autocast_state(x.device.type)
             self.first_forward = {
                 "input_device": str(x.device),
                 "autocast_dtype": str(dtype).replace("torch.", "") if dtype else None,
@@ -199,6 +212,8 @@ class Probe:
             }
             self.training_done = False
         if self.forwards == self.warmup + 1:
+            if self.cuda:  # the peak of steady training, without cuDNN's autotuning in the warm-up
+                torch.cuda.reset_peak_memory_stats()
             self._start = self._stamp()
             self._last = self._stamp()  # a second event: re-recorded from now on
             self.train_wall = (time.time(), time.time())
