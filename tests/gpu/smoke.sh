@@ -8,9 +8,10 @@
 #   3. one rank per GPU under horovodrun --gloo: NCCL allreduce/broadcast, then training batches of
 #      samples/digits on CUDA through the harness.
 # usage: tests/gpu/smoke.sh [OUT_DIR]
-# env: PYTHON (default python3); AMP_BENCH_ARGS (extra arguments for amp_bench.py, e.g. "--reps 1" or
-#      "--quick"; AMP_BENCH_ARGS=skip leaves it out); offline machines: HOROVOD_SDIST (Horovod's sdist) and WHEELS (a folder of
-#      wheels for what the build needs and the Python lacks, e.g. cffi and pycparser)
+# env: PYTHON (default python3); AMP_BENCH_ARGS (more arguments for amp_bench.py, e.g. "--reps 1" or
+#      "--quick"; "skip" leaves it out); offline machines: HOROVOD_SDIST (Horovod's sdist) and WHEELS (a
+#      folder of wheels for what the build needs and the Python lacks, e.g. cffi and pycparser)
+# tests/gpu/README.md: how to run it, and where amp_bench.py's numbers go (bench/RESULTS.md, with the machine)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-/tmp/harness-gpu-smoke}"
@@ -46,13 +47,14 @@ import json, math, sys
 entries = [json.loads(x) for x in open(sys.argv[1] + "/metrics.jsonl")]
 train = [e for e in entries if e["type"] == "training"]
 first, last = train[0]["metrics"], train[-1]["metrics"]
-print(f"training loss: batch {train[0]['batches']} {first['loss']:.4f} -> batch {train[-1]['batches']} {last['loss']:.4f}")
+n = train[-1]["batches"]
+print(f"training loss: batch {train[0]['batches']} {first['loss']:.4f} -> batch {n} {last['loss']:.4f}")
 assert len(train) >= 2 and last["loss"] < first["loss"], (first, last)
 scales = [e["metrics"]["loss_scale"] for e in train]
 skipped = sum(e["metrics"]["skipped_steps"] for e in train)
-print(f"loss scale {scales[0]:g} -> {scales[-1]:g}, {skipped} skipped step(s) in {train[-1]['batches']} batches")
+print(f"loss scale {scales[0]:g} -> {scales[-1]:g}, {skipped} skipped step(s) in {n} batches")
 assert all(math.isfinite(s) and s > 0 for s in scales), scales
-assert skipped < train[-1]["batches"] // 2, skipped
+assert skipped < n // 2, skipped
 PYEOF
 }
 
@@ -78,7 +80,8 @@ if [ "${AMP_BENCH_ARGS:-}" = skip ]; then
 else
   # shellcheck disable=SC2086  # AMP_BENCH_ARGS is a list of arguments
   "$PY" "$ROOT/tests/gpu/amp_bench.py" --out "$OUT/amp_bench" ${AMP_BENCH_ARGS:-} || bench_rc=$?
-  echo "amp_bench: JSON in $OUT/amp_bench/amp_bench.json, table for bench/RESULTS.md in $OUT/amp_bench/amp_bench.md"
+  echo "amp_bench: JSON in $OUT/amp_bench/amp_bench.json;" \
+    "the table and machine for bench/RESULTS.md in $OUT/amp_bench/amp_bench.md"
 fi
 
 step "2. Horovod with NCCL"
