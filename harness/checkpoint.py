@@ -257,12 +257,34 @@ def _move_aside(output_dir: str, names: List[str]) -> str:
     return dest
 
 
-def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> Optional[Checkpoint]:
+@dataclass
+class OutputPlan:
+    """Rank 0's plan for OUTPUT: the checkpoint to resume from, or the earlier run to move aside first."""
+
+    output_dir: str
+    ckpt: Optional[Checkpoint]
+    earlier: List[str]  # names of an earlier run's files, moved aside when training starts
+    why: str = ""
+
+    def start(self) -> None:
+        """Move the earlier run aside: called once set-up has succeeded, so a run that fails in set-up
+        leaves the earlier one where it was."""
+        if self.earlier:
+            dest = _move_aside(self.output_dir, self.earlier)
+            say(f"harness: {self.why}: moved the earlier run in {self.output_dir} to {dest}")
+            self.earlier = []
+
+
+EARLIER_RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "config.yaml", "curves.png")
+
+
+def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> OutputPlan:
     """Rank 0, before training: the checkpoint to resume from, if any.
 
     `--resume PATH` names one; otherwise the newest valid one under OUTPUT/checkpoints. When a run starts
     from scratch (`--fresh`, or nothing to resume) in a folder that holds an earlier run, that run is moved
-    to OUTPUT/previous-<time>/, with a message: nothing is overwritten silently.
+    to OUTPUT/previous-<time>/ once set-up succeeds (`OutputPlan.start`), with a message: nothing is
+    overwritten silently.
     """
     os.makedirs(output_dir, exist_ok=True)
     root = os.path.join(output_dir, "checkpoints")
@@ -273,16 +295,12 @@ def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> 
         problem = verify(resume_from) if os.path.isdir(resume_from) else "no such checkpoint folder"
         if problem:
             raise HarnessError(f"--resume {resume_from}: {problem}")
-        return load(resume_from)
+        return OutputPlan(output_dir, load(resume_from), [])
     ckpt = None if fresh else load_newest_valid(root)
-    if ckpt is None:
-        earlier = [
-            n
-            for n in ("metrics.jsonl", "checkpoints", "tensorboard")
-            if os.path.exists(os.path.join(output_dir, n))
-        ]
-        if earlier:
-            dest = _move_aside(output_dir, earlier)
-            why = "--fresh" if fresh else "no valid checkpoint to resume from"
-            say(f"harness: {why}: moved the earlier run in {output_dir} to {dest}")
-    return ckpt
+    if ckpt is not None:
+        return OutputPlan(output_dir, ckpt, [])
+    earlier = [n for n in EARLIER_RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
+    if earlier == ["config.yaml"]:  # only a config: a run that failed in set-up, nothing to keep
+        earlier = []
+    why = "--fresh" if fresh else "no valid checkpoint to resume from"
+    return OutputPlan(output_dir, None, earlier, why)

@@ -38,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
         if took_over:
             say(f"harness: {took_over}", sys.stderr)
     watchdog.start(rank, cfg.stall_timeout, model_dir, lambda m, c: _fail(m, 1, c, output=args.output))
+    threads = distributed.torch_threads()
     model_def = definition.load(model_dir, cfg.entrypoint)
 
     backend = distributed.init()
-    distributed.set_threads(backend)
+    distributed.set_threads(backend, threads)
     jobstate.register_rank(args.output, backend.rank)
     # Under a launcher stdout is forwarded line by line (Open MPI even gives ranks a pty, so isatty() is
     # true): a bar's carriage returns and split writes would garble the tagged lines.

@@ -376,9 +376,15 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
 
 def find_config_file(model_dir: str, explicit: Optional[str] = None) -> Optional[str]:
     """`--config FILE` if given, else experiment.yaml or const.yaml in the model directory, else None."""
-    if explicit:
-        if not os.path.isfile(explicit):
-            raise HarnessError(f"config file {explicit} does not exist")
+    if explicit:  # a file, or a pipe such as --config <(...) in one process
+        if not os.path.exists(explicit) or os.path.isdir(explicit):
+            pipe = explicit.startswith(("/dev/fd/", "/proc/self/fd/"))
+            hint = (
+                "; a pipe such as <(...) reaches one process only: under a launcher use a file"
+                if pipe
+                else ""
+            )
+            raise HarnessError(f"config file {explicit} does not exist{hint}")
         return explicit
     for name in CONFIG_FILE_NAMES:
         path = os.path.join(model_dir, name)
@@ -404,4 +410,11 @@ def load_config(path: Optional[str]) -> ExperimentConfig:
 def load_for_model(model_def: str, explicit: Optional[str] = None) -> ExperimentConfig:
     """The config of a model definition (a folder or its main .py): `--config`, or the one beside it."""
     directory = os.path.dirname(model_def) if os.path.isfile(model_def) else model_def
-    return load_config(find_config_file(directory, explicit))
+    path = find_config_file(directory, explicit)
+    if path is None:
+        names = " or ".join(CONFIG_FILE_NAMES)
+        raise HarnessError(
+            f"no experiment config: {os.path.abspath(directory)} holds no {names}; write one there "
+            "(hyperparameters, searcher.max_length, ...) or pass --config FILE"
+        )
+    return load_config(path)

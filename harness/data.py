@@ -93,6 +93,11 @@ def shard_training_loader(
 ) -> Tuple[tud.DataLoader, ResumableDistributedSampler]:
     """Rebuild the training loader with a DistributedSampler and the per-rank batch size."""
     loader = _check_loader(loader, "training")
+    if len(loader.dataset) < per_rank_batch * size:
+        raise HarnessError(
+            f"the training set has {len(loader.dataset)} records, fewer than one global batch of "
+            f"{per_rank_batch * size}; lower the batch size"
+        )
     shuffle = isinstance(loader.sampler, tud.RandomSampler)
     sampler = ResumableDistributedSampler(
         loader.dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed
@@ -104,11 +109,6 @@ def shard_training_loader(
         drop_last=loader.drop_last,
         **_loader_kwargs(loader),
     )
-    if len(rebuilt) == 0:
-        raise HarnessError(
-            f"the training loader yields no batch per rank ({len(loader.dataset)} records, "
-            f"{per_rank_batch} per rank and batch, {size} ranks, drop_last={loader.drop_last})"
-        )
     return rebuilt, sampler
 
 
@@ -117,7 +117,10 @@ def shard_validation_loader(loader: Any, rank: int, size: int) -> tud.DataLoader
     loader = _check_loader(loader, "validation")
     n = len(loader.dataset)
     if n < size:
-        raise HarnessError(f"the validation set has {n} records, fewer than the {size} ranks")
+        raise HarnessError(
+            f"the validation set has {n} records, fewer than the {size} ranks (to train without "
+            "validation, return None as the validation loader)"
+        )
     return tud.DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,

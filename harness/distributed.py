@@ -231,7 +231,17 @@ def init() -> Backend:
     return backend if backend.size > 1 else Local(backend.controller, backend.hvd)
 
 
-def set_threads(backend: Backend) -> None:
-    """Split the machine's cores among the ranks on it, so that they do not oversubscribe it."""
+def torch_threads() -> int:
+    return torch.get_num_threads()
+
+
+def set_threads(backend: Backend, threads_before_user_code: Optional[int] = None) -> None:
+    """Split the machine's cores among the ranks on it, so that they do not oversubscribe it; unless the user
+    chose: OMP_NUM_THREADS in the environment, or torch.set_num_threads() in the model definition's code
+    (the count differs from `threads_before_user_code`)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return  # torch took it at start
+    if threads_before_user_code is not None and torch.get_num_threads() != threads_before_user_code:
+        return
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // backend.local_size))

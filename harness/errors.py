@@ -1,5 +1,6 @@
 """The one exception type for bad input (shown to the user as a single line), and console output."""
 
+import os
 import sys
 from typing import Optional, TextIO
 
@@ -28,7 +29,21 @@ class PeerFailure(Exception):
 
 
 def say(line: str, stream: Optional[TextIO] = None) -> None:
-    """Print one line in a single write, so that launchers tagging output ([1,0]<stdout>:) keep it whole."""
+    """Print one line in a single write, so that launchers tagging output ([1,0]<stdout>:) keep it whole.
+
+    A closed reader (`harness ... | head`) does not end training: the console goes quiet, the files
+    (metrics.jsonl, TensorBoard, checkpoints) are written as always.
+    """
     stream = stream or sys.stdout
-    stream.write(line + "\n")
-    stream.flush()
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _silence(stream: TextIO) -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError):  # not a real file (a test's StringIO)
+        pass

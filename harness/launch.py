@@ -121,6 +121,19 @@ def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
     return out
 
 
+def _config_for_ranks(harness_args: List[str], config: Optional[str], output: str) -> List[str]:
+    """`--config <(...)` (a pipe) can be read once, here: the ranks get a copy in OUTPUT."""
+    if not config or os.path.isfile(config) or not os.path.exists(config):
+        return harness_args
+    with open(config, "rb") as f:
+        data = f.read()
+    os.makedirs(output, exist_ok=True)
+    copy = os.path.join(output, "launch-config.yaml")
+    with open(copy, "wb") as f:
+        f.write(data)
+    return _without(harness_args, "--config", True) + ["--config", copy]
+
+
 def launch(argv: List[str]) -> int:
     p = argparse.ArgumentParser(
         prog="harness launch",
@@ -137,6 +150,13 @@ def launch(argv: List[str]) -> int:
 
     from harness import config
 
+    if harness_args[:1] == ["harness"] and not os.path.exists("harness"):  # copied from a horovodrun line
+        raise HarnessError(
+            "harness launch takes the model directory itself: harness launch -np N MODEL_DIR [options] "
+            "(drop the word 'harness' after the launch options)"
+        )
+    train_args = parse_args(harness_args)
+    harness_args = _config_for_ranks(harness_args, train_args.config, train_args.output)
     train_args = parse_args(harness_args)
     model_dir = train_args.model_def
     max_restarts = args.max_restarts

@@ -47,7 +47,8 @@ def train(
         stop.watch_launchers()  # a rank whose launcher dies stops too, instead of training on as an orphan
 
     # Resume: rank 0 finds the checkpoint; its small state reaches every rank, the weights by broadcast.
-    ckpt = checkpoint.prepare_output(output_dir, fresh, resume_from) if is_chief else None
+    plan = checkpoint.prepare_output(output_dir, fresh, resume_from) if is_chief else None
+    ckpt = plan.ckpt if plan else None
     resumed = backend.broadcast_object(resume_info(ckpt) if ckpt else None)
     seed = build.agree_on_seed(config.reproducibility.experiment_seed, backend, resumed)
     config.reproducibility.experiment_seed = seed
@@ -56,9 +57,6 @@ def train(
     changed = resume.check_config(resumed["config"], config_dict, resumed["path"]) if resumed else None
     trial_api._set_context(hparams, None, config_dict, seed)
     build.seed_everything(seed)
-    if is_chief:
-        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_dict, f, sort_keys=False)
 
     trial = build.make_trial(model_def, hparams)
     adapter = make_adapter(trial)
@@ -77,7 +75,13 @@ def train(
     train_loader, sampler = shard_training_loader(
         train_loader, per_rank_batch, backend.rank, backend.size, seed
     )
-    val_loader = adapter.validation_loader(val_loader, backend.rank, backend.size)
+    if val_loader is not None:  # None: no validation at all
+        val_loader = adapter.validation_loader(val_loader, backend.rank, backend.size)
+    elif config.searcher.metric:
+        raise HarnessError(
+            f"config key 'searcher.metric' names '{config.searcher.metric}', but make_data_loaders() "
+            "returned no validation loader (None); remove searcher.metric or return one"
+        )
 
     # Model, optimizer, LR scheduler: built on every rank from the same seed; rank 0's state is broadcast.
     model = build.build_model(trial, model_def, hparams).to(device)
@@ -114,6 +118,10 @@ def train(
         rng_resume = resumed["rng"][backend.rank] if backend.rank < len(resumed["rng"]) else None
         if is_chief:
             train_metrics.load(*ckpt.trainer["window"])
+    if is_chief:  # set-up succeeded: an earlier run in OUTPUT is moved aside only now
+        plan.start()
+        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_dict, f, sort_keys=False, allow_unicode=True)
     reporter = Reporter(
         output_dir,
         enabled=is_chief,
@@ -121,6 +129,8 @@ def train(
         progress_bar=progress_bar,
     )
     _announce(reporter, config, backend, device, global_batch, total, progress, resumed, adapter, options)
+    if val_loader is None:
+        reporter.log("note: make_data_loaders() returned no validation loader: training without validation")
     if changed:
         reporter.log(changed)
     ckpt_ctx = CheckpointContext(
@@ -171,7 +181,8 @@ def train(
                 _report_training(train_metrics, progress, reporter, backend, step)
                 reporter.start_period(config.scheduling_unit, global_batch)
             best_so_far = abandoned = False
-            if done or (validate_every and progress.batches % validate_every == 0):
+            due = done or (validate_every and progress.batches % validate_every == 0)
+            if due and val_loader is not None:
                 with step.forward():  # validation under the same autocast as training
                     result = adapter.evaluate(model, val_loader, device, backend, stop)
                 abandoned = result is None  # a stop request meanwhile: checkpoint and stop now
@@ -224,10 +235,13 @@ def _announce(
 ) -> None:
     """The run's first console lines: what trains where, and anything the user should know."""
     extra = options.describe()
+    if backend.size == 1 and backend.controller == "none":
+        where = f"{device}, one process (no launcher)"
+    else:
+        where = f"{device} with {backend.size} rank{'s' if backend.size > 1 else ''} ({backend.controller})"
     reporter.log(
-        f"training on {device} with {backend.size} rank(s) ({backend.controller}), "
-        f"global batch {global_batch}, {total} batches ({progress.batches_per_epoch} per epoch), "
-        f"trial API {adapter.api}" + (f"; {extra}" if extra else "")
+        f"training on {where}, global batch {global_batch}, {total} batches "
+        f"({progress.batches_per_epoch} per epoch), trial API {adapter.api}" + (f"; {extra}" if extra else "")
     )
     k = options.aggregation_frequency
     if total % k:
@@ -240,7 +254,7 @@ def _announce(
     if slots is not None and slots != backend.size:
         reporter.log(
             f"note: the config's resources.slots_per_trial is {slots}, but the launcher started "
-            f"{backend.size} rank(s); training on {backend.size} (the launcher decides)"
+            f"{backend.size}; training on {backend.size} (the launcher decides)"
         )
     if resumed:
         reporter.log(

@@ -15,12 +15,17 @@ from harness.errors import say
 from harness.metrics import Reduced
 
 
+def _number(v: float) -> str:
+    """Four decimals in the usual range (so that columns line up: 0.3600, 1.0000), else scientific."""
+    return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, list):
         flat = np.asarray(value, dtype=float).reshape(-1)
-        shown = " ".join(f"{v:.4g}" for v in flat[:4])
+        shown = " ".join(_number(float(v)) for v in flat[:4])
         return f"[{shown}{' ...' if flat.size > 4 else ''}]"
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+    return _number(value) if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:

@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 from typing import Any, Dict, List
 
 import yaml
@@ -60,7 +61,7 @@ def plot(argv: List[str]) -> int:
                 for i in range(min(ys.shape[1], 10)):
                     ax.plot(xs, ys[:, i], label=f"[{i}]", linewidth=1)
                 ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"{kind} {name}")
+        ax.set_title(name if name.startswith(kind) else f"{kind} {name}")  # not "validation validation_x"
         ax.set_xlabel("batches")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
@@ -89,7 +90,8 @@ def summary(argv: List[str]) -> int:
     print(f"trained: {last['batches']} batches, {last['epoch']:.2f} epochs, {last['records']} records")
     validations = [e for e in entries if e["type"] == "validation"]
     names = sorted({n for e in validations for n in e["metrics"]})
-    rows = [("metric", "best", "at batch", "last", "at batch")]
+    # Only the searcher metric has a known direction ("best"); the others show their last, min and max.
+    rows = [("metric", "last", "at batch", "best", "at batch", "min", "max")]
     for name in names:
         scalar = [
             (e["metrics"][name], e["batches"])
@@ -98,12 +100,18 @@ def summary(argv: List[str]) -> int:
         ]
         if not scalar:
             continue
-        # The searcher metric's direction is configured; for others, guess from the name.
-        lower_better = smaller if name == metric else name.endswith(("loss", "error"))
-        best = (min if lower_better else max)(scalar, key=lambda vb: vb[0])
+        values = [v for v, _ in scalar]
+        best_value, best_at = "", ""
+        if name == metric:
+            best = (min if smaller else max)(scalar, key=lambda vb: vb[0])
+            best_value, best_at = f"{best[0]:.5g}", str(best[1])
         label = name + (" *" if name == metric else "")
-        rows.append((label, f"{best[0]:.5g}", str(best[1]), f"{scalar[-1][0]:.5g}", str(scalar[-1][1])))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        last_value, last_at = scalar[-1]
+        rows.append(
+            (label, f"{last_value:.5g}", str(last_at), best_value, best_at)
+            + (f"{min(values):.5g}", f"{max(values):.5g}")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if metric:
@@ -130,4 +138,8 @@ def summary(argv: List[str]) -> int:
 
 def main(argv: List[str]) -> int:
     command, rest = argv[0], argv[1:]
-    return {"plot": plot, "summary": summary}[command](rest)
+    try:
+        return {"plot": plot, "summary": summary}[command](rest)
+    except BrokenPipeError:  # `harness summary OUT | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

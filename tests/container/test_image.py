@@ -185,7 +185,7 @@ def test_entrypoint_trains_digits_on_two_processes(image, tmp_path, launcher):
     )
     assert_trained_digits(proc, out)
     assert f"horovodrun -np 2 -H localhost:2 --{launcher} " in proc.stderr
-    assert f"2 rank(s) ({launcher})" in proc.stdout
+    assert f"2 ranks ({launcher})" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -300,7 +300,7 @@ def test_two_hosts_over_ssh(image, tmp_path):
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert validation(out)[-1]["epoch"] == pytest.approx(2.0)
-    assert "2 rank(s) (gloo)" in proc.stdout
+    assert "2 ranks (gloo)" in proc.stdout
     assert int(proc.stdout.split()[-1]) >= 2  # horovodrun's ssh check, then rank 1's start
     hosts = f"-H localhost:1,127.0.0.2:1 --gloo --network-interface lo -p {port} "
     assert f"horovodrun -np 2 {hosts}" in proc.stderr

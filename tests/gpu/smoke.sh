@@ -120,7 +120,7 @@ data: {validation_records: 360}
 YAML
 horovodrun --gloo -np "$NGPU" -H "localhost:$NGPU" "$PY" -m harness "$ROOT/samples/digits" \
   --config "$OUT/short.yaml" --output "$OUT/hvd" --quiet --fresh | tee "$OUT/hvd.log"
-grep -q "training on cuda:0 with $NGPU rank(s) (gloo)" "$OUT/hvd.log"
+grep -qE "training on cuda:0 with $NGPU ranks? \(gloo\)" "$OUT/hvd.log"
 check_metrics "$OUT/hvd" 0.95
 if [ "$bench_rc" -ne 0 ]; then
   echo "GPU smoke check FAILED at step 1c: amp_bench.py exited $bench_rc (see its PROBLEM lines above," \

@@ -140,6 +140,17 @@ def test_fresh_moves_the_earlier_run_aside(model_dir, tmp_path, capsys):
     assert "--fresh: moved the earlier run in" in out and "resuming" not in out
     previous = [d for d in os.listdir(tmp_path) if d.startswith("previous-")]
     assert len(previous) == 1 and os.path.exists(tmp_path / previous[0] / "metrics.jsonl")
+    assert os.path.exists(tmp_path / previous[0] / "config.yaml")  # the earlier run's own config
+
+
+def test_fresh_run_failing_in_set_up_leaves_the_earlier_run_in_place(model_dir, tmp_path, capsys):
+    write_model_def(model_dir, config=CONFIG)
+    train(model_dir, tmp_path)
+    write_model_def(model_dir, config=CONFIG.replace("batch: 20", "batchsize: 20"))
+    with pytest.raises(HarnessError, match="batch"):  # batch_size() reads hyperparameter 'batch'
+        train(model_dir, tmp_path, fresh=True)
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("previous-")]
+    assert checkpoint.checkpoint_dirs(str(tmp_path / "checkpoints")) == [6, 4, 2]
 
 
 def test_finished_run_is_not_trained_again(model_dir, tmp_path, capsys):
@@ -192,3 +203,33 @@ def test_tensorboard_plot_and_summary(model_dir, tmp_path, capsys):
 def test_plot_of_a_folder_without_metrics(tmp_path):
     with pytest.raises(HarnessError, match="no metrics.jsonl"):
         tools.main(["plot", str(tmp_path)])
+
+
+def test_summary_calls_only_the_searcher_metric_best(tmp_path, capsys):
+    # mse falls then rises: it must not be called "best" at its last value, nor guessed from its name.
+    entries = [
+        {"type": "validation", "batches": b, "epoch": b / 10, "records": b * 20, "time": 0.0,
+         "metrics": {"mse": mse, "accuracy": acc}}
+        for b, mse, acc in [(10, 0.66, 0.5), (20, 0.54, 0.7), (30, 0.6, 0.65)]
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (tmp_path / "config.yaml").write_text("searcher: {metric: accuracy, smaller_is_better: false}\n")
+    assert tools.main(["summary", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("metric")))
+    assert lines[header].split() == ["metric", "last", "at", "batch", "best", "at", "batch", "min", "max"]
+    assert lines[header + 1].split() == ["accuracy", "*", "0.65", "30", "0.7", "20", "0.5", "0.7"]
+    assert lines[header + 2].split() == ["mse", "0.6", "30", "0.54", "0.66"]  # no "best" column
+
+
+def test_summary_into_a_closed_pipe_is_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    entry = {"type": "validation", "batches": 1, "epoch": 0.1, "records": 1, "time": 0.0, "metrics": {}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
+    for b in range(3000):  # a long checkpoint list, so that the reader's end is hit while writing
+        (tmp_path / "checkpoints" / str(b)).mkdir(parents=True)
+    cmd = f"{sys.executable} -m harness summary {tmp_path} | head -n 1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("run: ") and proc.stderr == "", proc.stderr

@@ -270,7 +270,7 @@ def test_training_seed_changes_the_order():
 
 def test_training_loader_with_no_batch_per_rank_is_an_error():
     loader = tud.DataLoader(IndexDataset(4), batch_size=4, drop_last=True)
-    with pytest.raises(HarnessError, match="no batch per rank"):
+    with pytest.raises(HarnessError, match="has 4 records, fewer than one global batch of 8"):
         shard_training_loader(loader, 4, rank=0, size=2, seed=0)
 
 

@@ -173,6 +173,6 @@ def test_stale_partial_checkpoints_are_removed_at_start(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     (root / ".tmp-8-1234").mkdir(parents=True)
     (root / "latest.tmp-1234").write_text("8\n")
-    assert checkpoint.prepare_output(str(tmp_path), fresh=False, resume_from=None) is None
+    assert checkpoint.prepare_output(str(tmp_path), fresh=False, resume_from=None).ckpt is None
     assert not os.path.exists(root / ".tmp-8-1234") and not os.path.exists(root / "latest.tmp-1234")
     assert "removed 2 partial checkpoint file(s)" in capsys.readouterr().out
