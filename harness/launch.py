@@ -26,7 +26,8 @@ def _launch_command(launcher: str, np_: int, hosts: Optional[str], harness_args:
     hosts = hosts or f"localhost:{np_}"
     if launcher == "mpirun":
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        return ["mpirun", *root, "-np", str(np_), "-H", hosts, "-x", "PATH", "-x", "PYTHONPATH", *harness]
+        passed = [x for v in ("PATH", "PYTHONPATH") if v in os.environ for x in ("-x", v)]
+        return ["mpirun", *root, "-np", str(np_), "-H", hosts, *passed, *harness]
     flag = {"gloo": ["--gloo"], "mpi": ["--mpi"], "horovodrun": []}[launcher]
     horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
     return [horovodrun, *flag, "-np", str(np_), "-H", hosts, *harness]
@@ -41,10 +42,13 @@ _EXIT_PATTERNS = (
 
 
 class _Output:
-    """Passes the launcher's output through, line by line, noting how each rank ended."""
+    """Passes the launcher's output through, line by line, noting how each rank ended and leaving out the
+    launchers' own reports of a failure (horovodrun's traceback, Open MPI's boxes, "Process 1 exit with
+    status code 1"): the harness says what failed in one line of its own."""
 
     def __init__(self, proc: subprocess.Popen):
         self.exits: Dict[int, str] = {}
+        self.failed = False  # a rank has printed its error: what follows from it is not news
         self.threads = [
             threading.Thread(target=self._pump, args=(src, dst), daemon=True)
             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
@@ -53,18 +57,78 @@ class _Output:
             t.start()
 
     def _pump(self, src: Any, dst: Any) -> None:
+        quiet = _LauncherNoise()
         for raw in iter(src.readline, b""):
-            dst.buffer.write(raw)
-            dst.flush()
             line = raw.decode(errors="replace")
             for pattern in _EXIT_PATTERNS:
                 m = pattern.search(line)
                 if m:
                     self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+            self.failed = self.failed or "harness: error:" in line
+            for keep in quiet.filter(line, self.failed):
+                dst.buffer.write(keep.encode())
+            dst.flush()
+        for keep in quiet.flush():
+            dst.buffer.write(keep.encode())
+        dst.flush()
 
     def join(self) -> None:
         for t in self.threads:
             t.join(timeout=5)  # an orphaned process may still hold the pipe: do not wait for it
+
+
+_DASHES = re.compile(r"^-{20,}\s*$")
+_BOX_NOISE = ("terminated normally, but", "mpirun detected that one or more", "mpirun noticed that process")
+_LINE_NOISE = (
+    re.compile(r"^Process \d+ exit with status code -?\d+\.?\s*$"),
+    re.compile(r"^Terminating remaining workers after failure of Process \d+\.?\s*$"),
+    re.compile(r"<stderr>:Terminated\s*$"),
+)
+_GLOO_FAILURE = "RuntimeError: Horovod detected that one or more processes exited with non-zero status"
+
+
+class _LauncherNoise:
+    """Filters one stream of launcher output; multi-line reports are held until they can be judged."""
+
+    def __init__(self) -> None:
+        self.held: List[str] = []
+        self.mode = ""  # "box" (Open MPI), "traceback" (horovodrun), "tail" (after horovodrun's traceback)
+
+    def filter(self, line: str, failed: bool) -> List[str]:
+        if self.mode == "box":
+            self.held.append(line)
+            if not _DASHES.match(line):
+                return []
+            box, self.held, self.mode = self.held, [], ""
+            return [] if any(n in "".join(box) for n in _BOX_NOISE) else box
+        if self.mode == "traceback":
+            self.held.append(line)
+            if line.startswith((" ", "Traceback")):
+                return []
+            held, self.held, self.mode = self.held, [], ""
+            if line.startswith(_GLOO_FAILURE):
+                self.mode = "tail"  # then "Process name: 1", "Exit code: 1", a blank line
+                return []
+            return held
+        if self.mode == "tail":
+            if line.startswith(("Process name:", "Exit code:")) or not line.strip():
+                return []
+            self.mode = ""
+        if _DASHES.match(line):
+            self.mode, self.held = "box", [line]
+            return []
+        if line.startswith("Traceback (most recent call last):"):  # untagged: the launcher's own
+            self.mode, self.held = "traceback", [line]
+            return []
+        if any(p.search(line) for p in _LINE_NOISE):
+            return []
+        if failed and "Horovod background loop uncaught exception" in line:
+            return []  # a surviving rank's view of the failed one
+        return [line]
+
+    def flush(self) -> List[str]:
+        held, self.held, self.mode = self.held, [], ""
+        return held
 
 
 def _how(found: Dict[str, Optional[str]]) -> str:
@@ -218,11 +282,14 @@ def launch(argv: List[str]) -> int:
         bad_input = [f for f in failures if f.get("exit_code") == HarnessError.exit_code]
         if bad_input:  # bad input, a full disk: running it again would fail the same way
             print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
+            lock.release()
             return HarnessError.exit_code
         cause = _root_cause(state, failures, rc, output.exits)
         if restarts >= max_restarts:
             print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
-            return rc or 1
+            lock.release()
+            own = [f["exit_code"] for f in failures if not f.get("consequential") and f.get("exit_code")]
+            return own[0] if own else rc or 1  # the job's own exit status, not the launcher's
         restarts += 1
         print(f"harness launch: restart {restarts} of {max_restarts} after failure: {cause}", flush=True)
         # Later attempts resume from the newest checkpoint in --output.

@@ -1,0 +1,92 @@
+"""What the console shows under every launcher: the same lines, whole, and one line per failure under
+`harness launch`."""
+
+import os
+import re
+import subprocess
+
+import pytest
+from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
+from test_launchers import BIN, command
+
+TAG = re.compile(r"^\[\d+(,\d+)?\]<(stdout|stderr)>:")  # horovodrun's per-rank tags
+
+
+def run(argv, timeout=180):
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def launch_command(how, model_dir, output):
+    if how.startswith("launch-"):
+        launcher = how.split("-", 1)[1]
+        return [os.path.join(BIN, "harness"), "launch", "--launcher", launcher, "-np", "2",
+                str(model_dir), "--output", str(output)]  # fmt: skip
+    return command(how, 2, model_dir, output)
+
+
+def normalized(stdout, output):
+    """The report lines without launcher tags; the controller's name and the output path made equal."""
+    lines = []
+    for line in stdout.splitlines():
+        if line.startswith("harness launch: "):
+            continue
+        assert not re.search(r"\[\d+(,\d+)?\]<std(out|err)>:", TAG.sub("", line)), f"a stray tag: {line!r}"
+        line = TAG.sub("", line)
+        assert line.strip(), f"an empty line in {stdout!r}"
+        lines.append(line.replace("(mpi)", "(CTRL)").replace("(gloo)", "(CTRL)").replace(str(output), "OUT"))
+    return lines
+
+
+LAUNCHERS = ["gloo", "mpi", "mpirun", "launch-gloo", "launch-mpirun"]
+
+
+def test_the_same_whole_lines_under_every_launcher(tmp_path):
+    model_dir = write_model_def(tmp_path / "m")
+    seen = {}
+    for how in LAUNCHERS:
+        out = tmp_path / f"out-{how}"
+        proc = run(launch_command(how, model_dir, out))
+        assert proc.returncode == 0, (how, proc.stdout[-2000:], proc.stderr[-2000:])
+        seen[how] = normalized(proc.stdout, out)
+    reference = seen["gloo"]
+    assert reference[0].startswith("training on cpu with 2 ranks (CTRL), global batch 20, 6 batches")
+    assert reference[-1] == "results: OUT/metrics.jsonl"
+    assert [line.split()[0] for line in reference[1:-1]] == ["[training", "[training", "[validation]"]
+    for how, lines in seen.items():
+        assert lines == reference, how
+
+
+CRASH = GOOD_MODEL_DEF.replace(
+    "    def losses(self, predictions, labels):\n",
+    "    def losses(self, predictions, labels):\n"
+    "        import os\n"
+    "        if os.environ.get('HOROVOD_RANK', os.environ.get('OMPI_COMM_WORLD_RANK')) == '1':\n"
+    "            raise ValueError('boom')\n",
+)
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])
+def test_a_failure_under_harness_launch_is_the_ranks_line_and_the_verdict(tmp_path, launcher):
+    model_dir = write_model_def(tmp_path / "m", model_def=CRASH, config=GOOD_CONFIG + "max_restarts: 0\n")
+    proc = run(launch_command(f"launch-{launcher}", model_dir, tmp_path / "out"))
+    assert proc.returncode == 1  # the failing rank's own status (ValueError: 1), not the launcher's
+    err = [TAG.sub("", line) for line in proc.stderr.splitlines()]
+    source = open(os.path.join(model_dir, "model_def.py")).read().splitlines()
+    at = next(i for i, line in enumerate(source, 1) if "raise ValueError" in line)
+    assert err == [f"harness: error: [rank 1] ValueError: boom (at {model_dir}/model_def.py:{at} in losses)"]
+    verdict = proc.stdout.splitlines()[-1]
+    assert verdict.startswith("harness launch: giving up after 0 restarts; last failure: [rank 1] ValueError")
+    assert "Traceback" not in proc.stdout + proc.stderr and "-----" not in proc.stdout + proc.stderr
+
+
+def test_bad_input_under_harness_launch_is_one_line_and_status_2(tmp_path):
+    model_dir = write_model_def(
+        tmp_path / "m", config=GOOD_CONFIG + "optimizations: {aggregation_frequency: 0}\n"
+    )
+    proc = run(launch_command("launch-gloo", model_dir, tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"harness: error: {model_dir}/experiment.yaml: config key 'optimizations.aggregation_frequency': "
+        "expected an integer >= 1, got 0"
+    ]
