@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, MutableMapping, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, MutableMapping, Optional
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `harness launch` and config checks need none
+    import torch
 
 PRECISIONS = ("O0", "O1", "O2", "O3", "fp16", "bf16")
 FP16 = ("O1", "O2", "fp16")  # autocast to float16 with a GradScaler (torch.amp has no separate O2)
@@ -76,6 +77,8 @@ class TrainingOptions:
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
+        import torch
+
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
     def describe(self) -> str:
