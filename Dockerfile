@@ -68,7 +68,8 @@ RUN --mount=type=cache,id=harness-pip,target=/root/.cache/pip \
       export TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"; \
     fi \
  && checks="PyTorch MPI Gloo" && if [ "$FLAVOR" = gpu ]; then checks="$checks NCCL"; fi \
- && HARNESS_INSTALL=none EXTRA_APT_PACKAGES=python3-dev HARNESS_CHECK_BUILD="$checks" bash scripts/setup.sh \
+ && HARNESS_INSTALL=none EXTRA_APT_PACKAGES=python3-dev HARNESS_CHECK_BUILD="$checks" \
+      HARNESS_TORCH_FLAVOR="$FLAVOR" bash scripts/setup.sh \
  && rm -f /etc/apt/apt.conf.d/99harness-ca
 
 # ---- the harness itself, as a wheel: apart, so that a change to harness/ rebuilds only small layers ------

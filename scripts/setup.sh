@@ -52,6 +52,7 @@ fi
 log "installing torch==$TORCH_VERSION and dependencies"
 torch_index=(); [ -z "${TORCH_INDEX_URL:-}" ] || torch_index=(--extra-index-url "$TORCH_INDEX_URL")
 "${PIP[@]}" install "${torch_index[@]}" "torch==$TORCH_VERSION"
+"$HERE/check_torch.sh" "${HARNESS_TORCH_FLAVOR:-any}" "$VENV"  # the image's flavor (Dockerfile)
 "${PIP[@]}" install numpy pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
 
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.
