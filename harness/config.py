@@ -14,9 +14,9 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from harness import optimizations
+from harness import cluster_keys, optimizations
 from harness.errors import HarnessError
 from harness.optimizations import OptimizationsConfig, TrainingOptions
 from harness.yaml_load import load_yaml_file
@@ -34,28 +34,6 @@ _SEARCH_ADVICE = (
     "is a hyperparameter search, which this harness cannot run yet; to train one trial, use "
     "searcher.name: single with one value per hyperparameter ({type: const, val: ...} or a plain value)"
 )
-
-# PEDL/Determined keys that only meant something on the cluster. They are accepted (a PEDL config loads
-# unchanged) and listed in one warning with the reason; the value is why the key is ignored here.
-_CLUSTER_KEYS: Dict[str, str] = {
-    "resources": "ranks come from the launcher",
-    "environment": "this machine's environment is used",
-    "bind_mounts": "mount volumes yourself",
-    "data_layer": "data is read directly",
-    "tensorboard_storage": "TensorBoard files go to --output",
-    **dict.fromkeys(("security", "internal", "debug", "profiling"), "cluster-only"),
-    **dict.fromkeys(("labels", "workspace", "project"), "cluster bookkeeping"),
-    "perform_initial_validation": "validation follows min_validation_period",
-    "records_per_epoch": "the epoch length comes from the data loader",
-}
-_CLUSTER_SUBKEYS: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "checkpoint_storage": (
-        ("type", "host_path", "storage_path", "container_path", "propagation", "bucket", "access_key")
-        + ("secret_key", "endpoint_url", "prefix", "hdfs_url", "hdfs_path", "user", "save_experiment_best"),
-        "checkpoints go to --output",
-    ),
-    "searcher": (("source_trial_id", "source_checkpoint_uuid"), "start from a checkpoint with --resume"),
-}
 
 # Field metadata: "internal" fields are set by parse_config, never read from YAML nor written by as_dict;
 # "input_only" fields are read from YAML but folded into others, so as_dict leaves them out.
@@ -216,8 +194,8 @@ def _did_you_mean(name: Any, section: str, known: Any) -> str:
     """A typo of a schema key or of an ignored cluster key (`resorces`) gets a suggestion."""
     candidates = set(known)
     if not section:
-        candidates |= set(_CLUSTER_KEYS)
-    candidates |= set(_CLUSTER_SUBKEYS.get(section, ((), ""))[0])
+        candidates |= set(cluster_keys.CLUSTER_KEYS)
+    candidates |= set(cluster_keys.CLUSTER_SUBKEYS.get(section, ((), ""))[0])
     close = difflib.get_close_matches(str(name), sorted(candidates), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -252,53 +230,6 @@ def _refuse_search(raw: Dict[str, Any]) -> None:
     if name in SEARCHERS:
         raise HarnessError(f"config key 'searcher.name': '{name}' {_SEARCH_ADVICE}")
     raise HarnessError(f"config key 'searcher.name': unknown searcher {name!r}; use single")
-
-
-def _split_ignored(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Take the cluster keys out of `raw` (not modified): (the rest, ignored values by dotted key)."""
-    rest = dict(raw)
-    ignored: Dict[str, Any] = {}
-    for key in raw:
-        if key in _CLUSTER_KEYS:
-            ignored[key] = rest.pop(key)
-        elif key in _CLUSTER_SUBKEYS and isinstance(raw[key], dict):
-            subkeys, _ = _CLUSTER_SUBKEYS[key]
-            section = rest[key] = dict(raw[key])
-            for sub in raw[key]:
-                if sub in subkeys:
-                    ignored[f"{key}.{sub}"] = section.pop(sub)
-    return rest, ignored
-
-
-def _ignored_warning(ignored: Dict[str, Any]) -> str:
-    """``resources (why), checkpoint_storage.type/host_path (why)``: keys grouped by their reason."""
-    by_reason: Dict[str, List[str]] = {}
-    for dotted in ignored:
-        section, _, sub = dotted.partition(".")
-        reason = _CLUSTER_SUBKEYS[section][1] if sub else _CLUSTER_KEYS[section]
-        by_reason.setdefault(reason, []).append(dotted)
-    parts = []
-    for reason, keys in by_reason.items():
-        names: List[str] = []
-        previous = None
-        for dotted in keys:  # name a section once: checkpoint_storage.type/host_path
-            section, _, sub = dotted.partition(".")
-            names.append(sub if sub and section == previous else dotted)
-            previous = section if sub else None
-        parts.append(f"{'/'.join(names)} ({reason})")
-    return "ignoring cluster settings: " + ", ".join(parts)
-
-
-def _slots_per_trial(resources: Any) -> Optional[int]:
-    """resources.slots_per_trial, which the loop checks against the number of ranks."""
-    if resources is None:
-        return None
-    if not isinstance(resources, dict):
-        raise HarnessError(f"config key 'resources': expected a mapping, got {resources!r}")
-    slots = resources.get("slots_per_trial")
-    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 0):
-        raise HarnessError(f"config key 'resources.slots_per_trial': expected an integer >= 0, got {slots!r}")
-    return slots
 
 
 def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:
@@ -357,19 +288,19 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
         if not isinstance(raw, dict):
             raise HarnessError(f"expected a mapping of config keys at the top level, got {raw!r}")
         _refuse_search(raw)
-        rest, ignored = _split_ignored(raw)
+        rest, ignored = cluster_keys.split_ignored(raw)
         cfg = _build(ExperimentConfig, rest, "")
         _resolve_steps(cfg, rest)
         _validate(cfg)
         cfg.hyperparameters = _resolve_hyperparameters(cfg.hyperparameters)
         block = cfg.optimizations if "optimizations" in rest else OptimizationsConfig()
         cfg.optimizations = optimizations.merge(block, cfg.hyperparameters)
-        cfg.slots_per_trial = _slots_per_trial(ignored.get("resources"))
+        cfg.slots_per_trial = cluster_keys.slots_per_trial(ignored.get("resources"))
     except HarnessError as e:
         raise HarnessError(f"{source}: {e}") from None
     cfg.ignored = ignored
     if ignored:
-        cfg.warnings = [f"{source}: {_ignored_warning(ignored)}"]
+        cfg.warnings = [f"{source}: {cluster_keys.ignored_warning(ignored)}"]
     cfg.warnings += [f"{source}: {line}" for line in optimizations.notes(cfg.optimizations)]
     return cfg
 

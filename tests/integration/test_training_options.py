@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_model_def
+from conftest import GOOD_DATA, ROOT, write_model_def
 from test_launchers import BIN, assert_ok, launch, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, final_weights, kill_and_resume_matches_straight
 
@@ -35,20 +35,9 @@ class Trial(harness.PyTorchTrial):
         return {"loss": nn.functional.cross_entropy(out, y), "accuracy": (out.argmax(1) == y).float().mean()}
 """
 
-DATA = """
-import torch
-import harness
-
-
-def make_data_loaders(config, hparams):
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images[:400] / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target[:400])
-    train = torch.utils.data.TensorDataset(x[:320], y[:320])
-    val = torch.utils.data.TensorDataset(x[320:], y[320:])
-    return harness.DataLoader(train, batch_size=8, shuffle=True), harness.DataLoader(val, batch_size=16)
-"""
+DATA = GOOD_DATA.replace("x[:300], y[:300]", "x[:320], y[:320]").replace(
+    "x[300:], y[300:]", "x[320:], y[320:]"
+)
 
 
 def config(global_batch, options="", epochs=2, hparams=""):
