@@ -18,6 +18,7 @@ _EXPORTS = {
     "get_hyperparameter": "harness.trial",
     "get_hyperparameters": "harness.trial",
     "get_trial_seed": "harness.trial",
+    "load_trial": "harness.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

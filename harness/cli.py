@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from harness import jobstate
 from harness.errors import HarnessError, Interrupted, PeerFailure, say
@@ -92,11 +92,16 @@ def _is_collective_failure(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
 
 
-SUBCOMMANDS = ("launch", "plot", "summary")
+SUBCOMMANDS = ("launch", "plot", "summary", "evaluate", "export")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("evaluate", "export"):  # on every rank like training, with its one-line errors
+        from harness import evaluate
+
+        ev_args = evaluate.parse_args(argv)
+        return _guarded(lambda: evaluate.run(ev_args, _fail), ev_args.model_dir, None)
     if argv and argv[0] in SUBCOMMANDS:
         try:
             if argv[0] == "launch":
@@ -110,14 +115,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             say(f"harness: error: {e}", sys.stderr)
             return HarnessError.exit_code
     args = parse_args(argv)
+    return _guarded(lambda: run(args), args.model_def, args.output)
+
+
+def _guarded(command: Callable[[], int], model_dir: Optional[str], output: Optional[str]) -> int:
+    """Run a command of the ranks; any error ends this process with one line (`_fail`)."""
     show_tb = os.environ.get("HARNESS_TRACEBACK") == "1"
     try:
-        return run(args)
+        return command()
     except HarnessError as e:
         if show_tb:
             traceback.print_exc()
         # A run refused by another run's lock must not write into that run's bookkeeping.
-        output = None if isinstance(e, LockRefused) else args.output
+        output = None if isinstance(e, LockRefused) else output
         _fail(str(e), HarnessError.exit_code, consequential=False, output=output)
     except KeyboardInterrupt:
         _fail("interrupted", 130, consequential=False)
@@ -126,9 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         from harness.definition import user_frame
 
-        where = user_frame(e.__traceback__, os.path.abspath(args.model_def))
+        where = user_frame(e.__traceback__, os.path.abspath(model_dir)) if model_dir else None
         message = f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
-        _fail(message, 1, _is_collective_failure(e), output=args.output)
+        _fail(message, 1, _is_collective_failure(e), output=output)
     return 1
 
 

@@ -136,6 +136,7 @@ def train(
     ckpt_ctx = CheckpointContext(
         output_dir, config, backend, model, optimizer, step, train_metrics, progress, best
     )
+    ckpt_ctx.model_dir = model_def.directory  # in state.json: load_trial and export find the definition
     votes = StopVotes(backend, progress.batches)
     non_blocking = device.type == "cuda"
     watch = watchdog.current()

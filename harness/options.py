@@ -15,6 +15,8 @@ launch:
 other commands:
   harness plot OUTPUT                       OUTPUT/curves.png: training loss and validation metrics
   harness summary OUTPUT                    best and last validation metrics, checkpoints
+  harness evaluate MODEL_DIR CHECKPOINT     validation metrics of a checkpoint (under a launcher too)
+  harness export CHECKPOINT --format torchscript|state_dict --out FILE
 
 exit status: 0 success, 2 bad input (model definition, config, data), 1 any other failure.
 Set HARNESS_TRACEBACK=1 to see full tracebacks.

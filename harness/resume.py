@@ -93,8 +93,15 @@ def check_config(saved: Dict[str, Any], now: Dict[str, Any], checkpoint_path: st
     )
 
 
-def check_model(model: torch.nn.Module, saved: Dict[str, torch.Tensor], checkpoint_path: str) -> None:
-    """The checkpoint's weights must fit the model that build_model() returned now."""
+def check_model(
+    model: torch.nn.Module,
+    saved: Dict[str, torch.Tensor],
+    checkpoint_path: str,
+    doing: str = "resume from",
+    hint: str = _HINT,
+) -> None:
+    """The checkpoint's weights must fit the model that build_model() returned now (`doing` and `hint`
+    word the error for other uses than a resume, e.g. `harness evaluate`)."""
     current = model.state_dict()
     problems: List[str] = []
     for name, tensor in current.items():
@@ -108,6 +115,6 @@ def check_model(model: torch.nn.Module, saved: Dict[str, torch.Tensor], checkpoi
     if problems:
         more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
         raise HarnessError(
-            f"cannot resume from {checkpoint_path}: the model does not fit its weights: {problems[0]}{more}; "
-            f"{_HINT}"
+            f"cannot {doing} {checkpoint_path}: the model does not fit its weights: {problems[0]}{more}; "
+            f"{hint}"
         )

@@ -83,6 +83,7 @@ class CheckpointContext:
     progress: Progress
     best: BestValidation
     epoch_rng: Any = None
+    model_dir: Optional[str] = None  # the model definition's folder, recorded for load_trial / harness export
 
     def save(self, validation_metrics: Dict[str, Any]) -> str:
         backend, progress = self.backend, self.progress
@@ -113,6 +114,7 @@ class CheckpointContext:
                 "best": self.best.value,
                 "hparams": cfg.hyperparameters,
                 "config": cfg.as_dict(),
+                "model_dir": self.model_dir,
                 "time": time.time(),
             }
             trainer = {"rng": rngs, "window": [sums, weights], "step": self.step.state_dict()}

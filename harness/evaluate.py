@@ -1,0 +1,308 @@
+"""Using a trained model: `harness evaluate`, `harness export` and `load_trial`.
+
+What a checkpoint decides and what the config decides: the *trial* comes from the checkpoint (its
+hyperparameters, trial class and seed: what the weights were trained with); *how to evaluate* comes from the
+config — `--config FILE`, else experiment.yaml / const.yaml in the model directory, else the checkpoint's own
+saved config — i.e. its `data` section, mixed precision and timeouts. `harness evaluate` runs validation as
+training does (the trial's adapter: exact, weighted by records, sharded across ranks) and reads nothing in
+the training output directory but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from harness import building as build
+from harness import checkpoint, distributed, optimizations, resume, watchdog
+from harness import config as config_mod
+from harness import trial as trial_api
+from harness.adapters import LOSSES_API, make_adapter
+from harness.errors import HarnessError, say
+from harness.report import _fmt
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """`argv[0]` is the command, "evaluate" or "export"."""
+    command, rest = argv[0], argv[1:]
+    where = "a checkpoint folder (OUTPUT/checkpoints/<batches>), OUTPUT/checkpoints/latest, or OUTPUT itself"
+    if command == "evaluate":
+        p = argparse.ArgumentParser(
+            prog="harness evaluate",
+            description="Evaluate a checkpoint on the validation set, exactly as training validates "
+            "(under horovodrun or mpirun on N ranks, or in one process).",
+        )
+        p.add_argument("model_dir", help="model definition directory (holding model_def.py)")
+        p.add_argument("checkpoint", help=where + " (its newest checkpoint)")
+        p.add_argument("--config", help="config for the data and precision (default: the model directory's)")
+        p.add_argument("--output", help="append the result to OUTPUT/evaluations.jsonl")
+    else:
+        p = argparse.ArgumentParser(
+            prog="harness export", description="Write a checkpoint's model to a file."
+        )
+        p.add_argument("checkpoint", help=where)
+        p.add_argument("--format", required=True, choices=("torchscript", "state_dict"))
+        p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+        p.add_argument(
+            "--model-dir", help="model definition directory (default: the one the checkpoint names)"
+        )
+    args = p.parse_args(rest)
+    args.command = command
+    return args
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder `path` names: itself, the one OUTPUT/checkpoints/latest names, or the newest
+    under OUTPUT (or OUTPUT/checkpoints). Cheap (no checksums): every rank resolves it alike."""
+    if not os.path.exists(path):
+        raise HarnessError(f"checkpoint {path} does not exist")
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        with open(path) as f:
+            return os.path.join(os.path.dirname(path), f.read().strip())
+    if os.path.isfile(os.path.join(path, checkpoint.STATE)):
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    newest = checkpoint.checkpoint_dirs(root)
+    if not newest:
+        raise HarnessError(
+            f"{path} is not a checkpoint folder and holds none (a checkpoint is "
+            "OUTPUT/checkpoints/<batches>, with state.json and model.pt)"
+        )
+    return os.path.join(root, str(newest[0]))
+
+
+def read_state(path: str) -> Dict[str, Any]:
+    try:
+        with open(os.path.join(path, checkpoint.STATE)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise HarnessError(
+            f"checkpoint {path}: cannot read {checkpoint.STATE} ({type(e).__name__})"
+        ) from None
+
+
+def load_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The checkpoint's model state_dict, after its checksums are verified; tensors only (weights_only)."""
+    problem = checkpoint.verify(path)
+    if problem:
+        raise HarnessError(f"checkpoint {path} is corrupt: {problem}")
+    return torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+
+
+def effective_config(
+    model_dir: str, explicit: Optional[str], ckpt: str, state: Dict[str, Any]
+) -> Tuple[config_mod.ExperimentConfig, List[str]]:
+    """The config to evaluate with (module docstring), and warnings to show once."""
+    saved = state.get("config") or {}
+    directory = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
+    path = config_mod.find_config_file(directory, explicit)
+    if path is not None:
+        cfg = config_mod.load_config(path)
+        said = list(cfg.warnings)
+    elif saved:
+        cfg, said = config_mod.parse_config(saved, f"{ckpt}/{checkpoint.STATE}"), []  # said at training
+    else:
+        raise HarnessError(f"no config: {directory} holds none and checkpoint {ckpt} has none; pass --config")
+    trained = state.get("hparams", saved.get("hyperparameters", {}))
+    if path is not None and cfg.hyperparameters != trained:
+        names = sorted(
+            k for k in {*cfg.hyperparameters, *trained} if cfg.hyperparameters.get(k) != trained.get(k)
+        )
+        said.append(
+            f"{path}: hyperparameters {', '.join(names)} differ from checkpoint {ckpt}'s; evaluating with "
+            "the checkpoint's (what the model was trained with)"
+        )
+    if path is not None and saved and saved.get("data", {}) != cfg.data:
+        said.append(f"{path}: the data section differs from checkpoint {ckpt}'s; evaluating on {path}'s")
+    cfg.hyperparameters = dict(trained)
+    cfg.entrypoint = saved.get("entrypoint", cfg.entrypoint)
+    seed = state.get("seed", cfg.reproducibility.experiment_seed)
+    cfg.reproducibility.experiment_seed = seed if seed is not None else 0
+    return cfg, said
+
+
+def _build_trial(model_def: Any, cfg: config_mod.ExperimentConfig) -> Tuple[Any, Any]:
+    """The trial object and its adapter, seeded and with the trial's context set, as training builds them."""
+    seed = cfg.reproducibility.experiment_seed
+    trial_api._set_context(cfg.hyperparameters, None, cfg.as_dict(), seed)
+    build.seed_everything(seed)
+    trial = build.make_trial(model_def, cfg.hyperparameters)
+    return trial, make_adapter(trial)
+
+
+def _validation_loader(model_def: Any, cfg: config_mod.ExperimentConfig, backend: Any) -> Any:
+    """make_data_loaders()'s validation loader, after download_data() ran once per machine."""
+    config_dict, hparams = cfg.as_dict(), cfg.hyperparameters
+    data_dir = build.download_once_per_machine(model_def, config_dict, hparams, backend, cfg.download_timeout)
+    trial_api._set_context(hparams, data_dir)
+    loaders = build.call_user(
+        model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams
+    )
+    _, val_loader = build.check_loader_pair(loaders)
+    if val_loader is None:
+        raise HarnessError("make_data_loaders() returned no validation loader (None): nothing to evaluate")
+    return val_loader
+
+
+def _fit(model: torch.nn.Module, weights: Dict[str, torch.Tensor], ckpt: str, model_dir: str) -> None:
+    hint = f"is {model_dir} the model definition it was trained from?"
+    resume.check_model(model, weights, ckpt, doing="load", hint=hint)
+    model.load_state_dict(weights)
+
+
+def evaluate(model_def: Any, cfg: config_mod.ExperimentConfig, ckpt: str, backend: Any) -> Dict[str, Any]:
+    """The checkpoint's validation metrics, on every rank: the loop's validation, with its autocast."""
+    watchdog.current().phase("set-up")
+    device = build.pick_device(backend)
+    options = cfg.training_options
+    optimizations.check_device(options, device)
+    trial, adapter = _build_trial(model_def, cfg)
+    val_loader = adapter.validation_loader(
+        _validation_loader(model_def, cfg, backend), backend.rank, backend.size
+    )
+    model = build.build_model(trial, model_def, cfg.hyperparameters).to(device)
+    problem = None
+    if backend.rank == 0:  # rank 0 reads the weights; every rank learns whether they fit
+        try:
+            _fit(model, load_weights(ckpt), ckpt, model_def.directory)
+        except HarnessError as e:
+            problem = str(e)
+    problem = backend.broadcast_object(problem)
+    if problem:
+        raise HarnessError(problem)
+    backend.broadcast_model(model)
+    build.seed_everything(cfg.reproducibility.experiment_seed + backend.rank)
+    watchdog.current().phase("evaluation")
+    dtype = options.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        return adapter.evaluate(model, val_loader, device, backend)
+
+
+def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None]] = None) -> int:
+    from harness import definition
+
+    ckpt = find_checkpoint(args.checkpoint)
+    state = read_state(ckpt)
+    cfg, said = effective_config(args.model_dir, args.config, ckpt, state)
+    rank = distributed.env_rank()
+    if rank == 0:
+        for line in said:
+            say(f"harness: warning: {line}", sys.stderr)
+    if fail is not None:  # the stall watchdog, as in training
+        watchdog.start(rank, cfg.stall_timeout, args.model_dir, lambda m, c: fail(m, 1, c))
+    threads = distributed.torch_threads()
+    model_def = definition.load(args.model_dir, cfg.entrypoint)
+    backend = distributed.init()
+    distributed.set_threads(backend, threads)
+    metrics = evaluate(model_def, cfg, ckpt, backend)
+    if backend.rank == 0:
+        batches = state.get("progress", {}).get("batches")
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        say(f"[evaluation] checkpoint {ckpt} (batch {batches})  {shown}")
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+            record = {"type": "evaluation", "checkpoint": os.path.abspath(ckpt), "batches": batches}
+            record.update(metrics=metrics, ranks=backend.size, time=time.time())
+            with open(os.path.join(args.output, "evaluations.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+    backend.shutdown()
+    return 0
+
+
+def _load(
+    checkpoint_dir: str, model_dir: Optional[str], device: Any = "cpu", flag: str = "model_dir="
+) -> SimpleNamespace:
+    """load_trial's work, with what export needs besides (the definition, the config, the adapter)."""
+    from harness import definition
+
+    ckpt = find_checkpoint(os.fspath(checkpoint_dir))
+    state = read_state(ckpt)
+    if model_dir is None:
+        model_dir = state.get("model_dir")
+        if model_dir is None:
+            raise HarnessError(
+                f"checkpoint {ckpt} does not name its model definition directory (written by an earlier "
+                f"harness); pass {flag}DIR"
+            )
+        if not os.path.isdir(model_dir):
+            raise HarnessError(
+                f"checkpoint {ckpt} names the model definition directory {model_dir}, which does not exist; "
+                f"pass {flag}DIR"
+            )
+    model_dir = os.fspath(model_dir)
+    cfg, _ = effective_config(model_dir, None, ckpt, state)
+    model_def = definition.load(model_dir, cfg.entrypoint)
+    trial, adapter = _build_trial(model_def, cfg)
+    model = build.build_model(trial, model_def, cfg.hyperparameters)
+    _fit(model, load_weights(ckpt), ckpt, model_def.directory)
+    model.to(device).eval()
+    return SimpleNamespace(trial=trial, model=model, adapter=adapter, model_def=model_def, cfg=cfg)
+
+
+def load_trial(checkpoint_dir: str, model_dir: Optional[str] = None, device: Any = "cpu") -> Tuple[Any, Any]:
+    """(trial, model) of a checkpoint, for inference in this process: the model holds the checkpoint's
+    weights, on `device`, in eval mode; the trial is built with the checkpoint's hyperparameters (so
+    `harness.get_hyperparameter` works). `model_dir`: the model definition, by default the directory the
+    checkpoint names (checkpoints written before it was recorded need it passed)."""
+    loaded = _load(checkpoint_dir, model_dir, device)
+    return loaded.trial, loaded.model
+
+
+def _first_input(loaded: SimpleNamespace) -> Any:
+    """The model's input in the first validation batch, as the adapter prepares it (on the CPU)."""
+    loader = _validation_loader(loaded.model_def, loaded.cfg, distributed.Local())
+    where = "validation batch 1"
+    batch, _ = loaded.adapter.prepare(next(iter(loader)), torch.device("cpu"), where, False)
+    if loaded.adapter.api == LOSSES_API or (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        return batch[0]  # (input, target); evaluate_batch() trials: taken to be (input, labels) too
+    raise HarnessError(f"{where} is not a pair (input, target): cannot tell which part is the model's input")
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def export_command(args: argparse.Namespace) -> int:
+    loaded = _load(args.checkpoint, args.model_dir, "cpu", flag="--model-dir ")
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if args.format == "state_dict":
+        torch.save(loaded.model.state_dict(), out)
+        say(out)
+        return 0
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and the tracer's warnings
+        try:
+            module = torch.jit.script(loaded.model)
+        except Exception as e:  # noqa: BLE001 - any failure to script is followed by a trace
+            scripted = _first_line(e)
+            example = _first_input(loaded)
+            try:
+                module = torch.jit.trace(loaded.model, (example,), strict=False)
+            except Exception as e2:  # noqa: BLE001
+                raise HarnessError(
+                    f"cannot export as torchscript: torch.jit.script failed ({scripted}); torch.jit.trace "
+                    f"with the first validation batch's input failed ({_first_line(e2)}); use --format "
+                    "state_dict"
+                ) from None
+            say(
+                f"harness: torch.jit.script failed ({scripted}); traced with the first validation batch's "
+                "input instead (the trace follows that batch's control flow)",
+                sys.stderr,
+            )
+    module.save(out)
+    say(out)
+    return 0
+
+
+def run(args: argparse.Namespace, fail: Optional[Callable[..., None]] = None) -> int:
+    return evaluate_command(args, fail) if args.command == "evaluate" else export_command(args)

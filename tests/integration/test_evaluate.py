@@ -1,0 +1,92 @@
+"""`harness evaluate` under real launchers: the metrics training's final validation reported, at 2 ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
+
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("horovodrun", path=BIN) is None, reason="Horovod is not installed (run `make setup`)"
+)
+
+# The train_batch API with evaluate_full_dataset (rank 0 alone, the other rank waits for its result).
+FULL_DATASET_MODEL_DEF = """
+import torch
+from torch import nn
+import harness
+
+
+class Trial(harness.PyTorchTrial):
+    def build_model(self):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_batch(self, batch, model, epoch_idx, batch_idx):
+        data, labels = batch
+        return nn.functional.cross_entropy(model(data), labels)
+
+    def evaluate_full_dataset(self, data_loader, model):
+        predicted = torch.cat([model(x).argmax(1) for x, _ in data_loader])
+        target = torch.cat([y for _, y in data_loader])
+        recall = [(predicted[target == c] == c).float().mean() for c in target.unique()]
+        return {"balanced_accuracy": torch.stack(recall).mean(), "records_seen": len(target)}
+"""
+DEFINITIONS = {
+    "losses": (GOOD_MODEL_DEF, GOOD_CONFIG),
+    "full_dataset": (FULL_DATASET_MODEL_DEF, GOOD_CONFIG.replace("batch: 20", "global_batch_size: 20")),
+}
+
+
+def run(launcher, *args, timeout=180):
+    harness = [os.path.join(BIN, "harness"), *map(str, args)]
+    if launcher == "local":
+        cmd = harness
+    elif launcher == "mpirun":
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", *harness]
+    else:
+        cmd = [os.path.join(BIN, "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", *harness]
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module", params=sorted(DEFINITIONS))
+def trained(request, tmp_path_factory):
+    """A model definition trained at 2 ranks (horovodrun --gloo): (model dir, output, final validation)."""
+    root = tmp_path_factory.mktemp(request.param)
+    model_def, config = DEFINITIONS[request.param]
+    model_dir = write_model_def(root / "model", model_def=model_def, config=config)
+    run("gloo", model_dir, "--output", root / "out")
+    with open(root / "out" / "metrics.jsonl") as f:
+        final = [json.loads(line) for line in f if '"validation"' in line][-1]
+    assert final["batches"] == 6
+    return model_dir, root / "out", final["metrics"]
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpirun", "local"])
+def test_evaluate_gives_the_final_validation(trained, launcher, tmp_path):
+    model_dir, output, final = trained
+    ckpt = output / "checkpoints" / "6"
+    with open(ckpt / "state.json") as f:
+        assert json.load(f)["validation_metrics"] == final
+    before = sorted((p, p.stat().st_mtime) for p in output.rglob("*"))
+    proc = run(launcher, "evaluate", model_dir, ckpt, "--output", tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if "[evaluation]" in line]
+    assert len(lines) == 1, proc.stdout  # rank 0 only
+    assert f"checkpoint {ckpt} (batch 6)  " in lines[0]
+    with open(tmp_path / "evaluations.jsonl") as f:
+        (record,) = [json.loads(line) for line in f]  # written once, by rank 0
+    assert record["ranks"] == (1 if launcher == "local" else 2)
+    assert set(record["metrics"]) == set(final)
+    for name, value in final.items():
+        assert record["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    assert sorted((p, p.stat().st_mtime) for p in output.rglob("*")) == before  # the run is untouched
