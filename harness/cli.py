@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 from harness import jobstate
 from harness.errors import HarnessError, Interrupted, PeerFailure, say
-from harness.options import parse_args
+from harness.options import parse_args, parse_model_use_args
 from harness.outputlock import LockRefused, OutputLock
 
 
@@ -100,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("evaluate", "export"):  # on every rank like training, with its one-line errors
         from harness import evaluate
 
-        ev_args = evaluate.parse_args(argv)
+        ev_args = parse_model_use_args(argv)
         return _guarded(lambda: evaluate.run(ev_args, _fail), ev_args.model_dir, None)
     if argv and argv[0] in SUBCOMMANDS:
         try:

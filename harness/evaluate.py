@@ -31,35 +31,6 @@ from harness.errors import HarnessError, say
 from harness.report import _fmt
 
 
-def parse_args(argv: List[str]) -> argparse.Namespace:
-    """`argv[0]` is the command, "evaluate" or "export"."""
-    command, rest = argv[0], argv[1:]
-    where = "a checkpoint folder (OUTPUT/checkpoints/<batches>), OUTPUT/checkpoints/latest, or OUTPUT itself"
-    if command == "evaluate":
-        p = argparse.ArgumentParser(
-            prog="harness evaluate",
-            description="Evaluate a checkpoint on the validation set, exactly as training validates "
-            "(under horovodrun or mpirun on N ranks, or in one process).",
-        )
-        p.add_argument("model_dir", help="model definition directory (holding model_def.py)")
-        p.add_argument("checkpoint", help=where + " (its newest checkpoint)")
-        p.add_argument("--config", help="config for the data and precision (default: the model directory's)")
-        p.add_argument("--output", help="append the result to OUTPUT/evaluations.jsonl")
-    else:
-        p = argparse.ArgumentParser(
-            prog="harness export", description="Write a checkpoint's model to a file."
-        )
-        p.add_argument("checkpoint", help=where)
-        p.add_argument("--format", required=True, choices=("torchscript", "state_dict"))
-        p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
-        p.add_argument(
-            "--model-dir", help="model definition directory (default: the one the checkpoint names)"
-        )
-    args = p.parse_args(rest)
-    args.command = command
-    return args
-
-
 def find_checkpoint(path: str) -> str:
     """The checkpoint folder `path` names: itself, the one OUTPUT/checkpoints/latest names, or the newest
     under OUTPUT (or OUTPUT/checkpoints). Cheap (no checksums): every rank resolves it alike."""
@@ -226,18 +197,11 @@ def _load(
 
     ckpt = find_checkpoint(os.fspath(checkpoint_dir))
     state = read_state(ckpt)
-    if model_dir is None:
-        model_dir = state.get("model_dir")
-        if model_dir is None:
-            raise HarnessError(
-                f"checkpoint {ckpt} does not name its model definition directory (written by an earlier "
-                f"harness); pass {flag}DIR"
-            )
-        if not os.path.isdir(model_dir):
-            raise HarnessError(
-                f"checkpoint {ckpt} names the model definition directory {model_dir}, which does not exist; "
-                f"pass {flag}DIR"
-            )
+    recorded = state.get("model_dir")
+    if model_dir is None and (recorded is None or not os.path.isdir(recorded)):
+        what = f"names {recorded}, which does not exist" if recorded else "does not name its model definition"
+        raise HarnessError(f"checkpoint {ckpt} {what}; pass {flag}DIR (the model definition directory)")
+    model_dir = model_dir if model_dir is not None else recorded
     model_dir = os.fspath(model_dir)
     cfg, _ = effective_config(model_dir, None, ckpt, state)
     model_def = definition.load(model_dir, cfg.entrypoint)
@@ -271,35 +235,37 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
+def _torchscript(loaded: SimpleNamespace) -> Any:
+    """torch.jit.script of the model, else its trace on the first validation batch's input."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation (torch 2.13), the tracer's warnings
+        try:
+            return torch.jit.script(loaded.model)
+        except Exception as e:  # noqa: BLE001 - any failure to script is followed by a trace
+            scripted = _first_line(e)
+        try:
+            traced = torch.jit.trace(loaded.model, (_first_input(loaded),), strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise HarnessError(
+                f"cannot export as torchscript: torch.jit.script failed ({scripted}); torch.jit.trace with "
+                f"the first validation batch's input failed ({_first_line(e)}); use --format state_dict"
+            ) from None
+    say(
+        f"harness: torch.jit.script failed ({scripted}); traced with the first validation batch's input "
+        "instead (the trace follows that batch's control flow)",
+        sys.stderr,
+    )
+    return traced
+
+
 def export_command(args: argparse.Namespace) -> int:
     loaded = _load(args.checkpoint, args.model_dir, "cpu", flag="--model-dir ")
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if args.format == "state_dict":
         torch.save(loaded.model.state_dict(), out)
-        say(out)
-        return 0
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation and the tracer's warnings
-        try:
-            module = torch.jit.script(loaded.model)
-        except Exception as e:  # noqa: BLE001 - any failure to script is followed by a trace
-            scripted = _first_line(e)
-            example = _first_input(loaded)
-            try:
-                module = torch.jit.trace(loaded.model, (example,), strict=False)
-            except Exception as e2:  # noqa: BLE001
-                raise HarnessError(
-                    f"cannot export as torchscript: torch.jit.script failed ({scripted}); torch.jit.trace "
-                    f"with the first validation batch's input failed ({_first_line(e2)}); use --format "
-                    "state_dict"
-                ) from None
-            say(
-                f"harness: torch.jit.script failed ({scripted}); traced with the first validation batch's "
-                "input instead (the trace follows that batch's control flow)",
-                sys.stderr,
-            )
-    module.save(out)
+    else:
+        _torchscript(loaded).save(out)
     say(out)
     return 0
 

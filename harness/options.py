@@ -1,4 +1,5 @@
-"""The arguments of the `harness` training command (shared by the command and `harness launch`)."""
+"""The arguments of the `harness` training command (shared by the command and `harness launch`), and of
+`harness evaluate` / `harness export`."""
 
 from __future__ import annotations
 
@@ -41,3 +42,32 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--quiet", action="store_true", help="no progress bar (also off when stdout is no terminal)"
     )
     return p.parse_args(argv)
+
+
+def parse_model_use_args(argv: List[str]) -> argparse.Namespace:
+    """`harness evaluate` and `harness export` (harness/evaluate.py); `argv[0]` is the command."""
+    command, rest = argv[0], argv[1:]
+    where = "a checkpoint folder (OUTPUT/checkpoints/<batches>), OUTPUT/checkpoints/latest, or OUTPUT itself"
+    if command == "evaluate":
+        p = argparse.ArgumentParser(
+            prog="harness evaluate",
+            description="Evaluate a checkpoint on the validation set, exactly as training validates "
+            "(under horovodrun or mpirun on N ranks, or in one process).",
+        )
+        p.add_argument("model_dir", help="model definition directory (holding model_def.py)")
+        p.add_argument("checkpoint", help=where + " (its newest checkpoint)")
+        p.add_argument("--config", help="config for the data and precision (default: the model directory's)")
+        p.add_argument("--output", help="append the result to OUTPUT/evaluations.jsonl")
+    else:
+        p = argparse.ArgumentParser(
+            prog="harness export", description="Write a checkpoint's model to a file."
+        )
+        p.add_argument("checkpoint", help=where)
+        p.add_argument("--format", required=True, choices=("torchscript", "state_dict"))
+        p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+        p.add_argument(
+            "--model-dir", help="model definition directory (default: the one the checkpoint names)"
+        )
+    args = p.parse_args(rest)
+    args.command = command
+    return args

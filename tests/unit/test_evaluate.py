@@ -184,8 +184,15 @@ def test_load_trial_of_a_checkpoint_that_does_not_name_its_model_directory(model
     with pytest.raises(HarnessError) as e:
         harness.load_trial(ckpt)
     assert str(e.value) == (
-        f"checkpoint {ckpt} does not name its model definition directory (written by an earlier "
-        "harness); pass model_dir=DIR"
+        f"checkpoint {ckpt} does not name its model definition; pass model_dir=DIR (the model definition "
+        "directory)"
+    )
+    rewrite_state(ckpt, model_dir=str(tmp_path / "moved"))
+    proc = harness_cli("export", ckpt, "--format", "state_dict", "--out", tmp_path / "w.pt")
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"harness: error: checkpoint {ckpt} names {tmp_path / 'moved'}, which does not exist; pass "
+        "--model-dir DIR (the model definition directory)\n",
     )
     trial, model = harness.load_trial(ckpt, model_dir=model_dir)
     assert not model.training
