@@ -1,11 +1,11 @@
 """Using a trained model: `harness evaluate`, `harness export` and `load_trial`.
 
-What a checkpoint decides and what the config decides: the *trial* comes from the checkpoint (its
-hyperparameters, trial class and seed: what the weights were trained with); *how to evaluate* comes from the
-config — `--config FILE`, else experiment.yaml / const.yaml in the model directory, else the checkpoint's own
-saved config — i.e. its `data` section, mixed precision and timeouts. `harness evaluate` runs validation as
-training does (the trial's adapter: exact, weighted by records, sharded across ranks) and reads nothing in
-the training output directory but the checkpoint.
+The config is the checkpoint's own (state.json: the effective config the run trained and validated with,
+whichever file it came from), so evaluating reproduces training's validation. `--config FILE` replaces it
+(e.g. its `data` section, for a test set; its mixed precision), except for what defines the trained model —
+hyperparameters, trial class, seed — which stay the checkpoint's; differences are said. `harness evaluate`
+runs validation as training does (the trial's adapter: exact, weighted by records, sharded across ranks)
+and reads nothing in the training output directory but the checkpoint.
 """
 
 from __future__ import annotations
@@ -74,15 +74,17 @@ def effective_config(
 ) -> Tuple[config_mod.ExperimentConfig, List[str]]:
     """The config to evaluate with (module docstring), and warnings to show once."""
     saved = state.get("config") or {}
-    directory = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
-    path = config_mod.find_config_file(directory, explicit)
-    if path is not None:
+    if saved and explicit is None:  # what the run trained and validated with, whichever file it came from
+        cfg, path, said = config_mod.parse_config(saved, f"{ckpt}/{checkpoint.STATE}"), None, []
+    else:  # --config, or a checkpoint without its config: the model directory's
+        directory = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
+        path = config_mod.find_config_file(directory, explicit)
+        if path is None:
+            raise HarnessError(
+                f"no config: checkpoint {ckpt} has none and {directory} neither; pass --config"
+            )
         cfg = config_mod.load_config(path)
         said = list(cfg.warnings)
-    elif saved:
-        cfg, said = config_mod.parse_config(saved, f"{ckpt}/{checkpoint.STATE}"), []  # said at training
-    else:
-        raise HarnessError(f"no config: {directory} holds none and checkpoint {ckpt} has none; pass --config")
     trained = state.get("hparams", saved.get("hyperparameters", {}))
     if path is not None and cfg.hyperparameters != trained:
         names = sorted(
@@ -92,8 +94,14 @@ def effective_config(
             f"{path}: hyperparameters {', '.join(names)} differ from checkpoint {ckpt}'s; evaluating with "
             "the checkpoint's (what the model was trained with)"
         )
-    if path is not None and saved and saved.get("data", {}) != cfg.data:
-        said.append(f"{path}: the data section differs from checkpoint {ckpt}'s; evaluating on {path}'s")
+    if path is not None and saved:
+        precision = (saved.get("optimizations") or {}).get("mixed_precision")
+        if precision != cfg.optimizations.mixed_precision:
+            said.append(
+                f"{path}: mixed_precision {cfg.optimizations.mixed_precision} (trained with {precision})"
+            )
+        if saved.get("data", {}) != cfg.data:
+            said.append(f"{path}: the data section differs from checkpoint {ckpt}'s; evaluating on {path}'s")
     cfg.hyperparameters = dict(trained)
     cfg.entrypoint = saved.get("entrypoint", cfg.entrypoint)
     seed = state.get("seed", cfg.reproducibility.experiment_seed)

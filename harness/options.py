@@ -56,7 +56,7 @@ def parse_model_use_args(argv: List[str]) -> argparse.Namespace:
         )
         p.add_argument("model_dir", help="model definition directory (holding model_def.py)")
         p.add_argument("checkpoint", help=where + " (its newest checkpoint)")
-        p.add_argument("--config", help="config for the data and precision (default: the model directory's)")
+        p.add_argument("--config", help="config for the data and precision (default: the checkpoint's)")
         p.add_argument("--output", help="append the result to OUTPUT/evaluations.jsonl")
     else:
         p = argparse.ArgumentParser(

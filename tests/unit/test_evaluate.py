@@ -122,31 +122,40 @@ def _files(root):
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
-def test_evaluate_runs_under_the_configs_precision(model_dir, tmp_path):
-    """bf16 training validated under bf16 autocast; a config without it evaluates in fp32 (other numbers)."""
-    write_model_def(model_dir, config=BF16_CONFIG)
-    ckpt = train(model_dir, tmp_path / "out")
-    cfg, said = evaluate.effective_config(str(model_dir), None, ckpt, json.load(open(f"{ckpt}/state.json")))
-    model_def = definition.load(str(model_dir))
-    assert evaluate.evaluate(model_def, cfg, ckpt, distributed.Local()) == saved_metrics(ckpt)
-    fp32 = tmp_path / "fp32.yaml"
-    fp32.write_text(GOOD_CONFIG)
-    cfg, said = evaluate.effective_config(
-        str(model_dir), str(fp32), ckpt, json.load(open(f"{ckpt}/state.json"))
+def test_the_checkpoints_config_is_the_default_and_config_replaces_it(model_dir, tmp_path):
+    """Trained with --config bf16.yaml (the model directory's config is fp32): evaluation reproduces the
+    bf16 validation by default; --config fp32.yaml evaluates in fp32 (other numbers) and says so."""
+    write_model_def(model_dir)
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(BF16_CONFIG)
+    loop.train(
+        definition.load(str(model_dir)),
+        config.load_config(str(bf16)),
+        str(tmp_path / "out"),
+        distributed.Local(),
     )
-    assert said == [] and cfg.training_options.precision == "fp32"
+    ckpt = os.path.join(str(tmp_path / "out"), "checkpoints", "6")
+    state = json.load(open(f"{ckpt}/state.json"))
+    model_def = definition.load(str(model_dir))
+    cfg, said = evaluate.effective_config(str(model_dir), None, ckpt, state)
+    assert said == [] and cfg.training_options.precision == "bf16"
+    assert evaluate.evaluate(model_def, cfg, ckpt, distributed.Local()) == saved_metrics(ckpt)
+    fp32 = str(model_dir / "experiment.yaml")
+    cfg, said = evaluate.effective_config(str(model_dir), fp32, ckpt, state)
+    assert said == [f"{fp32}: mixed_precision O0 (trained with bf16)"]
     assert evaluate.evaluate(model_def, cfg, ckpt, distributed.Local())["loss"] != saved_metrics(ckpt)["loss"]
 
 
 def test_the_checkpoints_hyperparameters_build_the_trial(model_dir, tmp_path):
-    """A model directory whose config changed since training: the checkpoint's hyperparameters win (said)."""
+    """A config whose hyperparameters differ from the checkpoint's: the checkpoint's win (said)."""
     write_model_def(model_dir)
     ckpt = train(model_dir, tmp_path / "out")
-    (model_dir / "experiment.yaml").write_text(GOOD_CONFIG.replace("batch: 20", "batch: 10\n  extra: 1"))
-    proc = harness_cli("evaluate", model_dir, tmp_path / "out")  # an output directory: its newest checkpoint
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(GOOD_CONFIG.replace("batch: 20", "batch: 10\n  extra: 1"))
+    proc = harness_cli("evaluate", model_dir, tmp_path / "out", "--config", changed)  # OUTPUT: its newest
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == (
-        f"harness: warning: {model_dir}/experiment.yaml: hyperparameters batch, extra differ from "
+        f"harness: warning: {changed}: hyperparameters batch, extra differ from "
         f"checkpoint {ckpt}'s; evaluating with the checkpoint's (what the model was trained with)\n"
     )
     shown = "  ".join(f"{k} {_fmt(v)}" for k, v in saved_metrics(ckpt).items())
