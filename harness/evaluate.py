@@ -56,9 +56,7 @@ def read_state(path: str) -> Dict[str, Any]:
         with open(os.path.join(path, checkpoint.STATE)) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise HarnessError(
-            f"checkpoint {path}: cannot read {checkpoint.STATE} ({type(e).__name__})"
-        ) from None
+        raise HarnessError(f"checkpoint {path}: cannot read state.json ({type(e).__name__})") from None
 
 
 def load_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -80,9 +78,7 @@ def effective_config(
         directory = os.path.dirname(model_dir) if os.path.isfile(model_dir) else model_dir
         path = config_mod.find_config_file(directory, explicit)
         if path is None:
-            raise HarnessError(
-                f"no config: checkpoint {ckpt} has none and {directory} neither; pass --config"
-            )
+            raise HarnessError(f"no config: checkpoint {ckpt} has none, nor has {directory}; pass --config")
         cfg = config_mod.load_config(path)
         said = list(cfg.warnings)
     trained = state.get("hparams", saved.get("hyperparameters", {}))
@@ -173,9 +169,8 @@ def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None
     state = read_state(ckpt)
     cfg, said = effective_config(args.model_dir, args.config, ckpt, state)
     rank = distributed.env_rank()
-    if rank == 0:
-        for line in said:
-            say(f"harness: warning: {line}", sys.stderr)
+    for line in said if rank == 0 else []:
+        say(f"harness: warning: {line}", sys.stderr)
     if fail is not None:  # the stall watchdog, as in training
         watchdog.start(rank, cfg.stall_timeout, args.model_dir, lambda m, c: fail(m, 1, c))
     threads = distributed.torch_threads()
@@ -209,8 +204,7 @@ def _load(
     if model_dir is None and (recorded is None or not os.path.isdir(recorded)):
         what = f"names {recorded}, which does not exist" if recorded else "does not name its model definition"
         raise HarnessError(f"checkpoint {ckpt} {what}; pass {flag}DIR (the model definition directory)")
-    model_dir = model_dir if model_dir is not None else recorded
-    model_dir = os.fspath(model_dir)
+    model_dir = os.fspath(model_dir if model_dir is not None else recorded)
     cfg, _ = effective_config(model_dir, None, ckpt, state)
     model_def = definition.load(model_dir, cfg.entrypoint)
     trial, adapter = _build_trial(model_def, cfg)
