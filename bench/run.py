@@ -2,7 +2,9 @@
 
 Same model, data, seed, global batch, number of ranks, threads per rank (cores / ranks) and number of
 training batches for every contender; each configuration is launched fresh, the contenders interleaved
-(A B C D, then the next repetition in a rotated order), and medians reported. See bench/README.md.
+(A B C D, then the next repetition in a rotated order), and medians reported. The training options
+(gradient aggregation, fp16 gradient compression, bf16 autocast: VARIANTS) are measured at np=2 for the
+harness and the hand-written Horovod loop, each with the same option. See bench/README.md.
 
     .venv/bin/python bench/run.py                # the full benchmark: bench/RESULTS.md, bench/results.json
     .venv/bin/python bench/run.py --quick --out /tmp/b   # a tiny end-to-end run (the test's)
@@ -40,14 +42,82 @@ LABELS = {
 }
 LOG_EVERY = 100  # the harness's scheduling_unit; the loops print the loss as often
 
-# Training batches per run (global batches = optimizer steps) and the untimed warm-up at the start of them.
-# Sized so that the timed part takes a few seconds per run, and the whole of `make bench` under 10 minutes.
+# Training batches per run (global batches; optimizer steps too, except under gradient aggregation, which
+# steps once every k batches) and the untimed warm-up at the start of them. Sized so that the timed part
+# takes a few seconds per run. The batches must be a multiple of every aggregation factor in VARIANTS; under
+# aggregation the warm-up is rounded up to whole optimizer steps (conv: 13 steps of 4 = 52 batches).
 FULL_BATCHES = {"conv": (1200, 50), "mlp": (5000, 300)}  # long enough to average over short bursts
-QUICK_BATCHES = {"conv": (12, 4), "mlp": (30, 10)}
+QUICK_BATCHES = {"conv": (12, 4), "mlp": (32, 10)}
 
 TARGETS = {"conv": 0.97, "mlp": 0.90}  # harness / hand-written Horovod, training samples/s
 FIRST_BATCH_SLACK_S = 5.0
 VALIDATION_OVERHEAD_MAX = 0.01
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A setting of the training options, given to the harness as `optimizations:` in its config and to the
+    hand-written Horovod loop as flags (bench/hvd_loop.py does them the way Horovod documents them)."""
+
+    name: str
+    what: str
+    aggregation: int = 1  # optimizations.aggregation_frequency / --aggregation
+    compression: str = "none"  # "fp16": optimizations.gradient_compression / --compression fp16
+    precision: str = "fp32"  # "bf16": optimizations.mixed_precision / --precision bf16
+    target: Optional[float] = None  # harness / hand-written Horovod with the same option; None: reported only
+
+    def loop_args(self) -> List[str]:
+        args = []
+        if self.aggregation != 1:
+            args += ["--aggregation", str(self.aggregation)]
+        if self.compression != "none":
+            args += ["--compression", self.compression]
+        if self.precision != "fp32":
+            args += ["--precision", self.precision]
+        return args
+
+    def option_keys(self) -> List[Tuple[str, str]]:
+        """The harness's `optimizations:` keys and values (YAML)."""
+        keys = []
+        if self.aggregation != 1:
+            keys.append(("aggregation_frequency", str(self.aggregation)))
+        if self.compression == "fp16":
+            keys.append(("gradient_compression", "true"))
+        if self.precision != "fp32":
+            keys.append(("mixed_precision", self.precision))
+        return keys
+
+    def optimizations(self) -> str:
+        """The config's `optimizations:` block ('' for none)."""
+        keys = self.option_keys()
+        return "optimizations:\n" + "".join(f"  {k}: {v}\n" for k, v in keys) if keys else ""
+
+    def optimizations_inline(self) -> str:
+        return "optimizations: {" + ", ".join(f"{k}: {v}" for k, v in self.option_keys()) + "}"
+
+
+BASELINE = "fp32"
+VARIANTS: Dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(BASELINE, "no training options"),
+        Variant(
+            "agg4", "gradient aggregation: an optimizer step every 4 batches", aggregation=4, target=0.95
+        ),
+        Variant(
+            "fp16comp", "fp16 gradient compression (hvd.Compression.fp16)", compression="fp16", target=0.95
+        ),
+        Variant("bf16", "bf16 autocast of the forward pass and loss (CPU)", precision="bf16"),
+    )
+}
+# The options are compared between these contenders only (the others have no such flags).
+OPTION_CONTENDERS = ("harness", "horovod")
+# Where each option runs in the full benchmark (at OPTION_NP): the communication options on the
+# overhead-bound MLP, where per-batch communication and Python overhead show; bf16 on the compute-bound CNN,
+# where the arithmetic's precision matters. `--variants` runs the named ones on every `--workloads` instead.
+OPTION_NP = 2
+FULL_OPTIONS = {"agg4": ("mlp",), "fp16comp": ("mlp",), "bf16": ("conv",)}
+QUICK_OPTIONS = {"agg4": ("mlp",)}
 
 
 @dataclass
@@ -59,9 +129,41 @@ class Plan:
     batches: Dict[str, Tuple[int, int]]
     work: str
     timeout: float
+    # (workload, np, variant) in the order they run; None: every workload x np with the baseline only
+    configs: Optional[List[Tuple[str, int, str]]] = None
     quiet_wait_s: float = 0.0
     harness_src: Optional[str] = None  # import the harness from here instead of the installed one
     retries: int = 0  # runs disturbed by other processes are repeated up to this many times
+
+
+def configurations(
+    workloads: List[str], nps: List[int], variants: Optional[List[str]], options: Dict[str, Tuple[str, ...]]
+) -> List[Tuple[str, int, str]]:
+    """(workload, np, variant) to run. `variants` None: the baseline everywhere and each option of `options`
+    on its workloads at OPTION_NP; else every named variant on every workload at every np."""
+    configs = []
+    for w in workloads:
+        for np in nps:
+            for v in VARIANTS:
+                if variants is None:
+                    wanted = v == BASELINE or (np == OPTION_NP and w in options.get(v, ()))
+                else:
+                    wanted = v in variants
+                if wanted:
+                    configs.append((w, np, v))
+    return configs
+
+
+def plan_configs(plan: Plan) -> List[Tuple[str, int, str]]:
+    if plan.configs is not None:
+        return plan.configs
+    return [(w, np, BASELINE) for w in plan.workloads for np in plan.nps]
+
+
+def contenders_for(plan: Plan, variant: str) -> List[str]:
+    if variant == BASELINE:
+        return list(plan.contenders)
+    return [c for c in plan.contenders if c in OPTION_CONTENDERS]
 
 
 def lightning_available() -> Optional[str]:
@@ -135,7 +237,10 @@ def wait_until_quiet(limit_s: float, threshold: float = BUSY_THRESHOLD) -> float
     return busy
 
 
-def command(contender: str, workload: str, np: int, batches: int, run_dir: str) -> List[str]:
+def command(
+    contender: str, workload: str, np: int, batches: int, run_dir: str, variant: str = BASELINE
+) -> List[str]:
+    v = VARIANTS[variant]
     horovodrun = [os.path.join(BIN, "horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
     torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(np)]
     loop_args = ["--workload", workload, "--batches", str(batches), "--log-every", str(LOG_EVERY)]
@@ -143,34 +248,43 @@ def command(contender: str, workload: str, np: int, batches: int, run_dir: str) 
         config = os.path.join(run_dir, "experiment.yaml")
         with open(config, "w") as f:
             f.write(
-                f"description: bench {workload}\n"
-                f"searcher:\n  max_length: {{batches: {batches}}}\n"
+                f"description: bench {workload} {variant}\n"
+                f"searcher:\n  max_length: {{batches: {batches}}}\n"  # batches, not optimizer steps
                 f"scheduling_unit: {LOG_EVERY}\n"
-                f"reproducibility:\n  experiment_seed: {common.SEED}\n"
+                f"reproducibility:\n  experiment_seed: {common.SEED}\n" + v.optimizations()
             )
         model_dir = os.path.join(HERE, "workloads", workload)
         harness = [os.path.join(BIN, "harness"), model_dir, "--config", config]
         return horovodrun + harness + ["--output", os.path.join(run_dir, "output")]
     if contender == "horovod":
-        return horovodrun + [sys.executable, os.path.join(HERE, "hvd_loop.py"), *loop_args]
+        return horovodrun + [sys.executable, os.path.join(HERE, "hvd_loop.py"), *loop_args, *v.loop_args()]
+    if variant != BASELINE:
+        raise ValueError(f"{contender} has no training options (variant {variant})")
     script = "ddp_loop.py" if contender == "ddp" else "lightning_loop.py"
     return torchrun + [os.path.join(HERE, script), *loop_args]
 
 
-def run_one(plan: Plan, contender: str, workload: str, np: int, rep: int) -> Dict[str, Any]:
+def run_one(
+    plan: Plan, contender: str, workload: str, np: int, rep: int, variant: str = BASELINE
+) -> Dict[str, Any]:
     """Launch one configuration, wait for it, and read what its ranks wrote."""
     batches, warmup = plan.batches[workload]
-    run_dir = os.path.join(plan.work, f"{workload}-np{np}-{contender}-rep{rep}")
+    # The probe counts optimizer steps; under aggregation one is k batches (k x the global batch's samples).
+    k = VARIANTS[variant].aggregation
+    if batches % k:
+        raise ValueError(f"{workload}: {batches} batches is not a multiple of {variant}'s aggregation {k}")
+    warmup_steps = -(-warmup // k)  # whole optimizer steps
+    run_dir = os.path.join(plan.work, f"{workload}-np{np}-{variant}-{contender}-rep{rep}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     probe_dir = os.path.join(run_dir, "probe")
-    cmd = command(contender, workload, np, batches, run_dir)
+    cmd = command(contender, workload, np, batches, run_dir, variant)
     env = dict(os.environ)
     env.update(
         PATH=BIN + os.pathsep + env.get("PATH", ""),
         OMP_NUM_THREADS=str(common.threads_per_rank(np)),
         BENCH_OUT=probe_dir,
-        BENCH_WARMUP=str(warmup),
+        BENCH_WARMUP=str(warmup_steps),
         PYTHONUNBUFFERED="1",
     )
     if plan.harness_src and contender == "harness":
@@ -188,15 +302,18 @@ def run_one(plan: Plan, contender: str, workload: str, np: int, rep: int) -> Dic
         with open(log_path) as f:
             tail = f.read()[-4000:]
         raise RuntimeError(
-            f"{contender} {workload} np={np} exited {proc.returncode}:\n{' '.join(cmd)}\n{tail}"
+            f"{contender} {workload} np={np} {variant} exited {proc.returncode}:\n{' '.join(cmd)}\n{tail}"
         )
     ranks = []
     for r in range(np):
         with open(os.path.join(probe_dir, f"rank{r}.json")) as f:
             ranks.append(json.load(f))
-    for r in ranks:
-        if r["steps"] != batches:
-            raise RuntimeError(f"{contender} {workload} np={np}: rank {r['rank']} made {r['steps']} steps")
+    for r in ranks:  # also checks that the harness steps once every k batches, and counts batches
+        if r["steps"] != batches // k:
+            raise RuntimeError(
+                f"{contender} {workload} np={np} {variant}: rank {r['rank']} made {r['steps']} optimizer "
+                f"steps in {batches} batches (expected {batches // k})"
+            )
     zero = ranks[0]
     if contender == "harness":
         # The harness is measured from outside: its validation ends when rank 0 writes the report.
@@ -210,10 +327,14 @@ def run_one(plan: Plan, contender: str, workload: str, np: int, rep: int) -> Dic
         "contender": contender,
         "workload": workload,
         "np": np,
+        "variant": variant,
         "rep": rep,
-        "samples_per_s": zero["timed_steps"] * global_batch / zero["train_seconds"],
-        "step_ms_median": zero["step_ms_median"],
-        "step_ms_p90": zero["step_ms_p90"],
+        "batches_per_step": k,
+        "optimizer_steps": zero["steps"],
+        "samples_per_s": zero["timed_steps"] * k * global_batch / zero["train_seconds"],
+        # per batch: the median time between optimizer steps / k
+        "step_ms_median": zero["step_ms_median"] / k,
+        "step_ms_p90": zero["step_ms_p90"] / k,
         "validation_s": val_end - zero["val_start_wall"],
         "first_batch_s": max(r["first_step_wall"] for r in ranks) - launched,
         "peak_rss_mib": max(r["max_rss_mib"] for r in ranks),
@@ -228,7 +349,8 @@ def run_one(plan: Plan, contender: str, workload: str, np: int, rep: int) -> Dic
 
 def describe(r: Dict[str, Any]) -> str:
     return (
-        f"{r['workload']:<4} np={r['np']}  {r['contender']:<9}  {r['samples_per_s']:9.0f} samples/s  "
+        f"{r['workload']:<4} np={r['np']}  {r.get('variant', BASELINE):<8}  {r['contender']:<9}  "
+        f"{r['samples_per_s']:9.0f} samples/s  "
         f"validation {r['validation_s'] * 1e3:6.1f} ms  first batch {r['first_batch_s']:5.2f} s  "
         f"rss {r['peak_rss_mib']:5.0f} MiB  (wall {r['wall_s']:.1f} s, other load {r['foreign_load']:.0%})"
     )
@@ -239,24 +361,23 @@ def run_all(plan: Plan, progress=print) -> List[Dict[str, Any]]:
     results = []
     for rep in range(plan.reps):
         order = plan.contenders[rep % len(plan.contenders) :] + plan.contenders[: rep % len(plan.contenders)]
-        for workload in plan.workloads:
-            for np in plan.nps:
-                for contender in order:
-                    for attempt in range(1 + plan.retries):
-                        try:
-                            r = run_one(plan, contender, workload, np, rep)
-                        except RuntimeError as e:  # a crash (e.g. in a launcher's teardown): once more
-                            if attempt == plan.retries:
-                                raise
-                            progress(f"rep {rep + 1}/{plan.reps}  {str(e).splitlines()[0]}; again")
-                            continue
-                        r["attempts"] = attempt + 1
-                        disturbed = r["foreign_load"] > FOREIGN_LOAD_MAX
-                        again = "  disturbed: again" if disturbed and attempt < plan.retries else ""
-                        progress(f"rep {rep + 1}/{plan.reps}  {describe(r)}{again}")
-                        if not disturbed:
-                            break
-                    results.append(r)
+        for workload, np, variant in plan_configs(plan):
+            for contender in [c for c in order if c in contenders_for(plan, variant)]:
+                for attempt in range(1 + plan.retries):
+                    try:
+                        r = run_one(plan, contender, workload, np, rep, variant)
+                    except RuntimeError as e:  # a crash (e.g. in a launcher's teardown): once more
+                        if attempt == plan.retries:
+                            raise
+                        progress(f"rep {rep + 1}/{plan.reps}  {str(e).splitlines()[0]}; again")
+                        continue
+                    r["attempts"] = attempt + 1
+                    disturbed = r["foreign_load"] > FOREIGN_LOAD_MAX
+                    again = "  disturbed: again" if disturbed and attempt < plan.retries else ""
+                    progress(f"rep {rep + 1}/{plan.reps}  {describe(r)}{again}")
+                    if not disturbed:
+                        break
+                results.append(r)
     return results
 
 
@@ -267,36 +388,40 @@ METRICS = ("samples_per_s", "step_ms_median", "validation_s", "first_batch_s", "
 
 
 def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[Dict[str, Any]]) -> Dict:
-    def runs(c, w, np):
+    def runs(c, w, np, v=BASELINE):
         return sorted(
-            (r for r in results if (r["contender"], r["workload"], r["np"]) == (c, w, np)),
+            (
+                r
+                for r in results
+                if (r["contender"], r["workload"], r["np"], r.get("variant", BASELINE)) == (c, w, np, v)
+            ),
             key=lambda r: r["rep"],
         )
 
     rows = []
-    for w in plan.workloads:
-        for np in plan.nps:
-            for c in plan.contenders:
-                rs = runs(c, w, np)
-                if not rs:
-                    continue
-                row = {"workload": w, "np": np, "contender": c, "reps": len(rs)}
-                for m in METRICS:
-                    row[m] = statistics.median(r[m] for r in rs)
-                    row[m + "_all"] = [round(r[m], 4) for r in rs]
-                row["torch_threads"] = rs[0]["torch_threads"]
-                row["validation_metrics"] = rs[0]["validation_metrics"]
-                row["peak_rss_mib_per_rank"] = rs[0]["peak_rss_mib_per_rank"]
-                rows.append(row)
+    for w, np, v in plan_configs(plan):
+        for c in plan.contenders:
+            rs = runs(c, w, np, v)
+            if not rs:
+                continue
+            row = {"workload": w, "np": np, "variant": v, "contender": c, "reps": len(rs)}
+            for m in METRICS:
+                row[m] = statistics.median(r[m] for r in rs)
+                row[m + "_all"] = [round(r[m], 4) for r in rs]
+            row["torch_threads"] = rs[0]["torch_threads"]
+            row["validation_metrics"] = rs[0]["validation_metrics"]
+            row["peak_rss_mib_per_rank"] = rs[0]["peak_rss_mib_per_rank"]
+            rows.append(row)
 
-    def paired(w, np, a, b, metric, combine):
+    def paired(a, b, metric, combine):
         """combine(a's run, b's run) for every repetition that has both; their median and all of them.
+        a and b are (contender, workload, np, variant).
 
         The contenders of a repetition run back to back, so pairing them cancels the machine's drift between
         repetitions (on a shared VM whole minutes run 20% slower), which ratios of medians would not.
         """
-        by_rep = {r["rep"]: r for r in runs(b, w, np)}
-        values = [combine(r[metric], by_rep[r["rep"]][metric]) for r in runs(a, w, np) if r["rep"] in by_rep]
+        by_rep = {r["rep"]: r for r in runs(*b)}
+        values = [combine(r[metric], by_rep[r["rep"]][metric]) for r in runs(*a) if r["rep"] in by_rep]
         return (statistics.median(values), [round(v, 4) for v in values]) if values else (None, [])
 
     def ratio(x, y):
@@ -306,54 +431,69 @@ def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[
         return x - y
 
     for row in rows:  # against the hand-written loop of the same configuration, repetition by repetition
-        w, np, c = row["workload"], row["np"], row["contender"]
-        if not runs("horovod", w, np):
-            continue
-        for key, metric, combine in (
-            ("throughput_vs_handwritten", "samples_per_s", ratio),
-            ("validation_vs_handwritten", "validation_s", ratio),
-            ("first_batch_minus_handwritten_s", "first_batch_s", minus),
-        ):
-            row[key], row[key + "_all"] = paired(w, np, c, "horovod", metric, combine)
+        w, np, c, v = row["workload"], row["np"], row["contender"], row["variant"]
+        if runs("horovod", w, np, v):
+            for key, metric, combine in (
+                ("throughput_vs_handwritten", "samples_per_s", ratio),
+                ("validation_vs_handwritten", "validation_s", ratio),
+                ("first_batch_minus_handwritten_s", "first_batch_s", minus),
+            ):
+                row[key], row[key + "_all"] = paired((c, w, np, v), ("horovod", w, np, v), metric, combine)
+        if v != BASELINE and runs(c, w, np, BASELINE):  # the option's effect: against itself without options
+            row["throughput_vs_fp32"], row["throughput_vs_fp32_all"] = paired(
+                (c, w, np, v), (c, w, np, BASELINE), "samples_per_s", ratio
+            )
 
-    def row_of(w, np, c):
-        return next((r for r in rows if (r["workload"], r["np"], r["contender"]) == (w, np, c)), None)
+    def row_of(w, np, c, v=BASELINE):
+        return next(
+            (r for r in rows if (r["workload"], r["np"], r["contender"], r["variant"]) == (w, np, c, v)), None
+        )
 
     targets = []
 
     def target(name, value, ok, detail):
         targets.append({"target": name, "value": value, "ok": ok, "detail": detail})
 
-    for w in plan.workloads:
-        for np in plan.nps:
-            h = row_of(w, np, "harness")
-            if h is None:
-                continue
-            r = h.get("throughput_vs_handwritten")
-            if r is not None:
+    for w, np, v in plan_configs(plan):
+        h = row_of(w, np, "harness", v)
+        if h is None:
+            continue
+        if v != BASELINE:
+            r, goal = h.get("throughput_vs_handwritten"), VARIANTS[v].target
+            if r is not None and goal is not None:
                 target(
-                    f"{w} np={np}: harness / hand-written Horovod >= {TARGETS[w]:.2f}",
+                    f"{w} np={np} {v}: harness / hand-written Horovod, both with {VARIANTS[v].what}, "
+                    f">= {goal:.2f}",
                     round(r, 4),
-                    r >= TARGETS[w],
+                    r >= goal,
                     "median over repetitions of the ratio of training samples/s",
                 )
-            for other in ("ddp", "lightning"):
-                r, _ = paired(w, np, "harness", other, "samples_per_s", ratio)
-                if r is not None:
-                    target(
-                        f"{w} np={np}: harness >= {LABELS[other]}",
-                        round(r, 4),
-                        r >= 1.0,
-                        "median over repetitions of the ratio of training samples/s",
-                    )
-            d = h.get("first_batch_minus_handwritten_s")
-            if d is not None:
+            continue
+        r = h.get("throughput_vs_handwritten")
+        if r is not None:
+            target(
+                f"{w} np={np}: harness / hand-written Horovod >= {TARGETS[w]:.2f}",
+                round(r, 4),
+                r >= TARGETS[w],
+                "median over repetitions of the ratio of training samples/s",
+            )
+        for other in ("ddp", "lightning"):
+            r, _ = paired(("harness", w, np, v), (other, w, np, v), "samples_per_s", ratio)
+            if r is not None:
                 target(
-                    f"{w} np={np}: launch-to-first-batch <= hand-written + {FIRST_BATCH_SLACK_S:.0f} s",
-                    round(d, 2),
-                    d <= FIRST_BATCH_SLACK_S,
-                    "median over repetitions of the seconds more than the hand-written loop",
+                    f"{w} np={np}: harness >= {LABELS[other]}",
+                    round(r, 4),
+                    r >= 1.0,
+                    "median over repetitions of the ratio of training samples/s",
                 )
+        d = h.get("first_batch_minus_handwritten_s")
+        if d is not None:
+            target(
+                f"{w} np={np}: launch-to-first-batch <= hand-written + {FIRST_BATCH_SLACK_S:.0f} s",
+                round(d, 2),
+                d <= FIRST_BATCH_SLACK_S,
+                "median over repetitions of the seconds more than the hand-written loop",
+            )
     if val_overhead is not None:
         for w, v in val_overhead["workloads"].items():
             target(
@@ -416,8 +556,55 @@ def environment(plan: Plan) -> Dict[str, Any]:
         "batches": {w: {"total": b, "warmup": wu} for w, (b, wu) in plan.batches.items()},
         "reps": plan.reps,
         "workloads": {w: common.WORKLOADS[w].what for w in plan.workloads},
+        "variants": {
+            v: VARIANTS[v].what
+            for v in sorted({v for _, _, v in plan_configs(plan)}, key=list(VARIANTS).index)
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def options_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any]) -> List[str]:
+    """The training options' table: each option for the harness and the hand-written loop."""
+
+    def f3(x: Optional[float]) -> str:
+        return "" if x is None else f"{x:.3f}"
+
+    out = [
+        "## Training options",
+        "",
+        "The harness with `optimizations:` in its config against the hand-written Horovod loop "
+        "(`bench/hvd_loop.py`) with the same option, and each against itself without options (the fp32 rows "
+        "above, same repetition). Under aggregation a batch is still one global batch of records and the "
+        "optimizer steps once every 4 of them: samples/s count every batch, and ms per batch is the median "
+        "time between optimizer steps / 4. The harness's targets are under Targets; bf16 / fp32 has none "
+        "(it depends on the CPU: bf16 matrix units or not).",
+        "",
+    ]
+    for v in env.get("variants", {}):
+        if v != BASELINE:
+            out.append(
+                f"- **{v}**: {VARIANTS[v].what}; the harness's config: "
+                f"`{VARIANTS[v].optimizations_inline()}`, the hand-written loop's flags: "
+                f"`{' '.join(VARIANTS[v].loop_args())}`"
+            )
+    out += [
+        "",
+        "| workload | np | option | contender | train samples/s | vs hand-written, same option "
+        "| vs fp32, same contender | median ms per batch | validation ms | val loss | val accuracy |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["validation_metrics"]
+        out.append(
+            f"| {r['workload']} | {r['np']} | {r['variant']} | {LABELS[r['contender']]} | "
+            f"{r['samples_per_s']:,.0f} | {f3(r.get('throughput_vs_handwritten'))} | "
+            f"{f3(r.get('throughput_vs_fp32'))} | {r['step_ms_median']:.3f} | "
+            f"{r['validation_s'] * 1e3:.1f} | "
+            f"{m.get('loss', float('nan')):.4f} | {m.get('accuracy', float('nan')):.4f} |"
+        )
+    out.append("")
+    return out
 
 
 def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], findings: str) -> str:
@@ -450,6 +637,8 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
+        if r.get("variant", BASELINE) != BASELINE:
+            continue
         ratio = r.get("throughput_vs_handwritten")
         acc = r["validation_metrics"].get("accuracy")
         out.append(
@@ -459,6 +648,9 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
             f"{r['first_batch_s']:.2f} | {r['peak_rss_mib']:.0f} | {'' if acc is None else f'{acc:.4f}'} |"
         )
     out.append("")
+    options = [r for r in summary["rows"] if r.get("variant", BASELINE) != BASELINE]
+    if options:
+        out += options_markdown(options, env)
     out += ["## Targets", "", "| target | value | holds |", "|---|---:|---|"]
     for t in summary["targets"]:
         out.append(f"| {t['target']} | {t['value']} | {'yes' if t['ok'] else '**no**'} |")
@@ -540,6 +732,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workloads", nargs="+", choices=sorted(common.WORKLOADS), default=None)
     p.add_argument("--np", nargs="+", type=int, default=None, dest="nps")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="training options to run, each on every --workloads at every --np (the options for the harness "
+        "and the hand-written Horovod loop only; their 'vs fp32' needs fp32 too). Default: fp32 everywhere, "
+        + ", ".join(f"{v} on {'/'.join(ws)}" for v, ws in FULL_OPTIONS.items())
+        + f" at np={OPTION_NP} (--quick: "
+        + ", ".join(f"{v} on {'/'.join(ws)}" for v, ws in QUICK_OPTIONS.items())
+        + ")",
+    )
     p.add_argument("--out", default=HERE, help="where RESULTS.md and results.json go (default: bench/)")
     p.add_argument("--work", default=None, help="where the runs write (default: a temporary folder)")
     p.add_argument(
@@ -580,6 +784,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             work="",
             timeout=0.0,
         )
+        seen = {(r["workload"], r["np"], r.get("variant", BASELINE)) for r in saved["runs"]}
+        plan.configs = [c for c in configurations(plan.workloads, plan.nps, list(VARIANTS), {}) if c in seen]
         summary = summarize(plan, saved["runs"], saved.get("validation_overhead"))
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -609,10 +815,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         retries=args.retries if args.retries is not None else (0 if args.quick else 2),
     )
     plan.batches = {w: plan.batches[w] for w in plan.workloads}
+    plan.configs = configurations(
+        plan.workloads, plan.nps, args.variants, QUICK_OPTIONS if args.quick else FULL_OPTIONS
+    )
     start = time.time()
     print(
-        f"bench: {plan.reps} repetition(s) of {plan.workloads} x np {plan.nps} x {plan.contenders}; "
-        f"runs in {plan.work}"
+        f"bench: {plan.reps} repetition(s) of {plan.workloads} x np {plan.nps} x {plan.contenders}; options "
+        f"{[f'{w} np={np} {v}' for w, np, v in plan.configs if v != BASELINE] or 'none'}; runs in {plan.work}"
     )
     try:
         results = run_all(plan)

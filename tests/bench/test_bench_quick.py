@@ -46,7 +46,15 @@ def test_bench_quick_runs_every_contender(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     expected = {"harness", "horovod", "ddp"} | ({"lightning"} if lightning_installed() else set())
-    assert {r["contender"] for r in results["rows"]} == expected
+    baseline = [r for r in results["rows"] if r["variant"] == "fp32"]
+    assert {r["contender"] for r in baseline} == expected
+    # --quick also runs one training option (gradient aggregation, k=4) for the harness and the Horovod loop.
+    agg = [r for r in results["rows"] if r["variant"] == "agg4"]
+    assert {r["contender"] for r in agg} == {"harness", "horovod"}, results["rows"]
+    assert {r["variant"] for r in results["rows"]} == {"fp32", "agg4"}
+    for run in results["runs"]:  # the probe counted one optimizer step per 4 batches of 32: 8
+        assert run["optimizer_steps"] * run["batches_per_step"] == 32, run
+        assert run["batches_per_step"] == (4 if run["variant"] == "agg4" else 1), run
     if not lightning_installed():
         assert any("Lightning is not installed" in n for n in results["notes"])
     for row in results["rows"]:
@@ -56,13 +64,18 @@ def test_bench_quick_runs_every_contender(tmp_path):
         assert 0 <= row["validation_metrics"]["accuracy"] <= 1, row
     # Every contender trained the same model on the same data: the same validation loss up to rounding
     # (the harness and the hand-written loop differ from DDP only in Horovod's optimizer-state broadcast).
-    losses = {r["contender"]: r["validation_metrics"]["loss"] for r in results["rows"]}
-    assert max(losses.values()) - min(losses.values()) < 0.05, losses
+    for rows in (baseline, agg):  # and the harness aggregates as the hand-written loop does
+        losses = {r["contender"]: r["validation_metrics"]["loss"] for r in rows}
+        assert max(losses.values()) - min(losses.values()) < 0.05, losses
+    for row in agg:
+        assert row["throughput_vs_fp32"] > 0, row
     names = {t["target"] for t in results["targets"]}
     assert any("hand-written Horovod" in n for n in names) and any("exact validation" in n for n in names)
+    assert any(n.startswith("mlp np=2 agg4: harness / hand-written Horovod") for n in names), names
 
     md = (out / "RESULTS.md").read_text()
     assert "| workload | np | contender |" in md and "## Targets" in md
+    assert "## Training options" in md and "| mlp | 2 | agg4 |" in md
     for label in ("harness (horovodrun)", "hand-written Horovod", "torchrun + DDP"):
         assert label in md
     print(f"bench --quick took {took:.0f} s")
