@@ -12,8 +12,8 @@ the same things):
   of the K batches' gradients), `optimizer.step()` under `optimizer.skip_synchronize()`, `zero_grad()`.
   `--batches` counts batches: there are batches / K optimizer steps;
 - `--compression fp16`: `compression=hvd.Compression.fp16` (gradients allreduced as float16);
-- `--precision bf16`: `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward pass and the loss
-  (training only; no loss scaler: bf16 has float32's range).
+- `--precision bf16`: `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward pass and the loss, in
+  training and in validation (as the harness does); no loss scaler: bf16 has float32's range.
 
     horovodrun -np 2 -H localhost:2 python bench/hvd_loop.py --workload conv --batches 300
     horovodrun -np 2 -H localhost:2 python bench/hvd_loop.py --workload mlp --batches 400 --aggregation 4
@@ -111,7 +111,7 @@ def main() -> None:
 
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():  # validation under the same autocast as training, as the harness does
         for x, y in val_loader:
             out = model(x)
             sums[0] += F.cross_entropy(out, y, reduction="sum")
