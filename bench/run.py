@@ -117,6 +117,8 @@ OPTION_CONTENDERS = ("harness", "horovod")
 # where the arithmetic's precision matters. `--variants` runs the named ones on every `--workloads` instead.
 OPTION_NP = 2
 FULL_OPTIONS = {"agg4": ("mlp",), "fp16comp": ("mlp",), "bf16": ("conv",)}
+# ... in the first 4 repetitions only (6 runs of ~15 s each: about 6 minutes of `make bench`).
+FULL_OPTION_REPS = 4
 QUICK_OPTIONS = {"agg4": ("mlp",)}
 
 
@@ -134,6 +136,7 @@ class Plan:
     quiet_wait_s: float = 0.0
     harness_src: Optional[str] = None  # import the harness from here instead of the installed one
     retries: int = 0  # runs disturbed by other processes are repeated up to this many times
+    option_reps: Optional[int] = None  # the options run in the first this many repetitions (None: all)
 
 
 def configurations(
@@ -362,6 +365,8 @@ def run_all(plan: Plan, progress=print) -> List[Dict[str, Any]]:
     for rep in range(plan.reps):
         order = plan.contenders[rep % len(plan.contenders) :] + plan.contenders[: rep % len(plan.contenders)]
         for workload, np, variant in plan_configs(plan):
+            if variant != BASELINE and plan.option_reps is not None and rep >= plan.option_reps:
+                continue
             for contender in [c for c in order if c in contenders_for(plan, variant)]:
                 for attempt in range(1 + plan.retries):
                     try:
@@ -554,6 +559,7 @@ def environment(plan: Plan) -> Dict[str, Any]:
         "machine": platform.machine(),
         "batches": {w: {"total": b, "warmup": wu} for w, (b, wu) in plan.batches.items()},
         "reps": plan.reps,
+        "option_reps": plan.option_reps,
         "workloads": {w: common.WORKLOADS[w].what for w in plan.workloads},
         "variants": {
             v: VARIANTS[v].what
@@ -577,7 +583,12 @@ def options_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any]) -> List[st
         "above, same repetition). Under aggregation a batch is still one global batch of records and the "
         "optimizer steps once every 4 of them: samples/s count every batch, and ms per batch is the median "
         "time between optimizer steps / 4. The harness's targets are under Targets; bf16 / fp32 has none "
-        "(it depends on the CPU: bf16 matrix units or not).",
+        "(it depends on the CPU: bf16 matrix units or not)."
+        + (
+            f" The options ran in the first {env['option_reps']} of the {env['reps']} repetitions."
+            if env.get("option_reps") is not None and env["option_reps"] < env["reps"]
+            else ""
+        ),
         "",
     ]
     for v in env.get("variants", {}):
@@ -751,6 +762,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="import the harness from this folder (e.g. a `git worktree` of another version) for an A/B",
     )
     p.add_argument(
+        "--option-reps",
+        type=int,
+        default=None,
+        help="run the training options in the first this many repetitions only (default: "
+        f"{FULL_OPTION_REPS} for the full benchmark's options, every repetition with --variants or --quick)",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=None,
@@ -817,10 +835,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     plan.configs = configurations(
         plan.workloads, plan.nps, args.variants, QUICK_OPTIONS if args.quick else FULL_OPTIONS
     )
+    plan.option_reps = args.option_reps
+    if plan.option_reps is None and args.variants is None and not args.quick:
+        plan.option_reps = FULL_OPTION_REPS
     start = time.time()
     print(
         f"bench: {plan.reps} repetition(s) of {plan.workloads} x np {plan.nps} x {plan.contenders}; options "
-        f"{[f'{w} np={np} {v}' for w, np, v in plan.configs if v != BASELINE] or 'none'}; runs in {plan.work}"
+        f"{[f'{w} np={np} {v}' for w, np, v in plan.configs if v != BASELINE] or 'none'}"
+        f"{'' if plan.option_reps is None else f' in the first {plan.option_reps} repetition(s)'}; "
+        f"runs in {plan.work}"
     )
     try:
         results = run_all(plan)
