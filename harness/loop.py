@@ -157,7 +157,8 @@ def train(
             config.scheduling_unit - progress.batches % config.scheduling_unit, global_batch
         )
         for batch in batches:
-            vote = votes.start(progress.batches, stop.requested)  # settled after the step; overlaps it
+            # A stop vote, settled after the step (it overlaps it); with aggregation at a window's end.
+            vote = votes.start(progress.batches, stop.requested, step.ends_window())
             watch.beat()
             where = f"training batch {progress.batches + 1}"
             batch, records = adapter.prepare(batch, device, where, non_blocking)

@@ -67,6 +67,10 @@ class OptimizerStep:
             return
         self._apply()
 
+    def ends_window(self) -> bool:
+        """Whether the next `step` ends an aggregation window (always, without aggregation)."""
+        return self.pending + 1 >= self.k
+
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 

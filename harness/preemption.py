@@ -153,9 +153,11 @@ class StopVotes:
         self.next_at = batches + 1  # global batch number that carries the next vote
         self.last = (batches, time.perf_counter())  # (batches done, time) at the last vote's start
 
-    def start(self, batches: int, stop: bool) -> Any:
-        """Start a vote if batch `batches + 1` carries one (None otherwise)."""
-        if batches + 1 < self.next_at:
+    def start(self, batches: int, stop: bool, window_end: bool = True) -> Any:
+        """Start a vote if batch `batches + 1` carries one (None otherwise). Under gradient aggregation a
+        vote waits for the last batch of a window (`window_end`), whose allreduce cycle it then shares,
+        instead of costing a cycle of its own in a batch that communicates nothing."""
+        if batches + 1 < self.next_at or not window_end:
             return None
         now, (before, then) = time.perf_counter(), self.last
         self.last = (batches, now)

@@ -60,3 +60,13 @@ def test_stop_is_agreed_at_the_vote():
 def test_one_process_votes_every_batch():
     carried, said_stop = run(preemption.StopVotes(Local(), 0), 6, stop=True)
     assert carried == said_stop == [1, 2, 3, 4, 5, 6]
+
+
+def test_under_aggregation_a_vote_waits_for_the_end_of_the_window():
+    from harness import distributed
+    from harness.preemption import StopVotes
+
+    votes = StopVotes(distributed.Local(), 0)
+    assert votes.start(0, True, window_end=False) is None  # due, but inside a window: postponed
+    handle = votes.start(0, True, window_end=True)
+    assert handle is not None and votes.finish(handle, 1) is True
