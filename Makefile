@@ -25,7 +25,7 @@ test: setup lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
 
 # The benchmark (bench/README.md): installs the `bench` extra (Lightning, py-spy) with torch pinned to the
-# installed version, then writes bench/RESULTS.md and bench/results.json (about 18 minutes on an idle
+# installed version, then writes bench/RESULTS.md and bench/results.json (about 24 minutes on an idle
 # 2-core machine).
 bench: setup
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/bench-constraints.txt
