@@ -11,11 +11,11 @@ launch:
   harness ./model_def                       one process
   horovodrun -np 2 harness ./model_def      two ranks (Gloo or MPI)
   mpirun -np 2 harness ./model_def          two ranks under Open MPI
-  harness launch -np 2 ./model_def          two ranks, restarted from the newest checkpoint on failure
+  harness launch -np 2 ./model_def          two ranks (recommended): restarts, one line per failure
 
 other commands:
   harness plot OUTPUT                       OUTPUT/curves.png: training loss and validation metrics
-  harness summary OUTPUT                    best and last validation metrics, checkpoints
+  harness summary OUTPUT                    last, min, max of validation metrics; checkpoints
   harness evaluate MODEL_DIR CHECKPOINT     validation metrics of a checkpoint (under a launcher too)
   harness export CHECKPOINT --format torchscript|state_dict --out FILE
 
