@@ -84,3 +84,29 @@ def model_dir(tmp_path):
         if getattr(mod, "__file__", "") and str(tmp_path) in (mod.__file__ or ""):
             del sys.modules[name]
     sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
+
+
+# The train_batch API with evaluate_full_dataset (rank 0 alone over the whole validation set).
+FULL_DATASET_MODEL_DEF = """
+import torch
+from torch import nn
+import harness
+
+
+class Trial(harness.PyTorchTrial):
+    def build_model(self):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_batch(self, batch, model, epoch_idx, batch_idx):
+        data, labels = batch
+        return nn.functional.cross_entropy(model(data), labels)
+
+    def evaluate_full_dataset(self, data_loader, model):
+        predicted = torch.cat([model(x).argmax(1) for x, _ in data_loader])
+        target = torch.cat([y for _, y in data_loader])
+        recall = [(predicted[target == c] == c).float().mean() for c in target.unique()]
+        return {"balanced_accuracy": torch.stack(recall).mean(), "records_seen": len(target)}
+"""

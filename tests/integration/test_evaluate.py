@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
+from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 
 BIN = os.path.dirname(sys.executable)
 
@@ -15,30 +15,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("horovodrun", path=BIN) is None, reason="Horovod is not installed (run `make setup`)"
 )
 
-# The train_batch API with evaluate_full_dataset (rank 0 alone, the other rank waits for its result).
-FULL_DATASET_MODEL_DEF = """
-import torch
-from torch import nn
-import harness
-
-
-class Trial(harness.PyTorchTrial):
-    def build_model(self):
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-
-    def optimizer(self, model):
-        return torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def train_batch(self, batch, model, epoch_idx, batch_idx):
-        data, labels = batch
-        return nn.functional.cross_entropy(model(data), labels)
-
-    def evaluate_full_dataset(self, data_loader, model):
-        predicted = torch.cat([model(x).argmax(1) for x, _ in data_loader])
-        target = torch.cat([y for _, y in data_loader])
-        recall = [(predicted[target == c] == c).float().mean() for c in target.unique()]
-        return {"balanced_accuracy": torch.stack(recall).mean(), "records_seen": len(target)}
-"""
 DEFINITIONS = {
     "losses": (GOOD_MODEL_DEF, GOOD_CONFIG),
     "full_dataset": (FULL_DATASET_MODEL_DEF, GOOD_CONFIG.replace("batch: 20", "global_batch_size: 20")),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
+from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 
 import harness
 from harness import checkpoint, config, definition, distributed, evaluate, loop
@@ -19,30 +19,6 @@ BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMI"))}
 
-# The train_batch API with evaluate_full_dataset: rank 0's own loop over the whole validation set.
-FULL_DATASET_MODEL_DEF = """
-import torch
-from torch import nn
-import harness
-
-
-class Trial(harness.PyTorchTrial):
-    def build_model(self):
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-
-    def optimizer(self, model):
-        return torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def train_batch(self, batch, model, epoch_idx, batch_idx):
-        data, labels = batch
-        return nn.functional.cross_entropy(model(data), labels)
-
-    def evaluate_full_dataset(self, data_loader, model):
-        predicted = torch.cat([model(x).argmax(1) for x, _ in data_loader])
-        target = torch.cat([y for _, y in data_loader])
-        recall = [(predicted[target == c] == c).float().mean() for c in target.unique()]
-        return {"balanced_accuracy": torch.stack(recall).mean(), "records_seen": len(target)}
-"""
 # A forward pass that torch.jit.script refuses (variable keyword arguments) but tracing handles.
 UNSCRIPTABLE_MODEL_DEF = GOOD_MODEL_DEF.replace(
     "        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))",
