@@ -17,14 +17,6 @@ def run(argv, timeout=180):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def launch_command(how, model_dir, output):
-    if how.startswith("launch-"):
-        launcher = how.split("-", 1)[1]
-        return [os.path.join(BIN, "harness"), "launch", "--launcher", launcher, "-np", "2",
-                str(model_dir), "--output", str(output)]  # fmt: skip
-    return command(how, 2, model_dir, output)
-
-
 def normalized(stdout, output):
     """The report lines without launcher tags; the controller's name and the output path made equal."""
     lines = []
@@ -46,7 +38,7 @@ def test_the_same_whole_lines_under_every_launcher(tmp_path):
     seen = {}
     for how in LAUNCHERS:
         out = tmp_path / f"out-{how}"
-        proc = run(launch_command(how, model_dir, out))
+        proc = run(command(how, 2, model_dir, out))
         assert proc.returncode == 0, (how, proc.stdout[-2000:], proc.stderr[-2000:])
         seen[how] = normalized(proc.stdout, out)
     reference = seen["gloo"]
@@ -69,7 +61,7 @@ CRASH = GOOD_MODEL_DEF.replace(
 @pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])
 def test_a_failure_under_harness_launch_is_the_ranks_line_and_the_verdict(tmp_path, launcher):
     model_dir = write_model_def(tmp_path / "m", model_def=CRASH, config=GOOD_CONFIG + "max_restarts: 0\n")
-    proc = run(launch_command(f"launch-{launcher}", model_dir, tmp_path / "out"))
+    proc = run(command(f"launch-{launcher}", 2, model_dir, tmp_path / "out"))
     assert proc.returncode == 1  # the failing rank's own status (ValueError: 1), not the launcher's
     err = [TAG.sub("", line) for line in proc.stderr.splitlines()]
     source = open(os.path.join(model_dir, "model_def.py")).read().splitlines()
@@ -84,7 +76,7 @@ def test_bad_input_under_harness_launch_is_one_line_and_status_2(tmp_path):
     model_dir = write_model_def(
         tmp_path / "m", config=GOOD_CONFIG + "optimizations: {aggregation_frequency: 0}\n"
     )
-    proc = run(launch_command("launch-gloo", model_dir, tmp_path / "out"))
+    proc = run(command("launch-gloo", 2, model_dir, tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"harness: error: {model_dir}/experiment.yaml: config key 'optimizations.aggregation_frequency': "

@@ -20,7 +20,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def command(launcher, np, model_dir, output, *args):
+    """The job's command line: `local` (one process), `mpirun`, `gloo`/`mpi` (horovodrun), or
+    `launch-<gloo|mpi|mpirun|horovodrun>` (`harness launch` with that launcher)."""
     harness = [os.path.join(BIN, "harness"), str(model_dir), "--output", str(output), *args]
+    if launcher.startswith("launch-"):
+        return [harness[0], "launch", "-np", str(np), "--launcher", launcher[len("launch-") :], *harness[1:]]
     if launcher == "local":
         return harness
     if launcher == "mpirun":

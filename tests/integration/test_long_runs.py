@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import GOOD_MODEL_DEF, write_model_def
-from test_launchers import BIN, assert_ok, launch, reports
+from test_launchers import BIN, assert_ok, command, launch, reports
 
 # A model with dropout and momentum, shuffled data: exact resume must restore RNGs and optimizer state.
 # KILL_AT (env) makes rank 1 die with SIGKILL in that global batch, once (a marker file records it).
@@ -165,6 +165,20 @@ def start_and_wait_for_training(cmd, env_extra, output):
     raise AssertionError("training did not start: " + proc.communicate()[1][-2000:])
 
 
+def sigterm_when_marked(cmd, marker, output, what):
+    """Start the job, wait (up to 60 s) until its code writes `marker`, then SIGTERM it; returns
+    (the process, stdout, stderr, seconds from the signal to the job's end)."""
+    proc = start_and_wait_for_training(cmd, {"MARKER": str(marker)}, output)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), f"{what} did not start"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc, stdout, stderr, time.monotonic() - start
+
+
 @pytest.mark.parametrize("how", ["launch-gloo", "launch-mpi", "horovodrun-gloo"])
 def test_sigterm_checkpoints_and_exits_zero(how, model_dir, tmp_path):
     write_model_def(
@@ -172,8 +186,7 @@ def test_sigterm_checkpoints_and_exits_zero(how, model_dir, tmp_path):
     )
     output = tmp_path / "out"
     if how.startswith("launch"):
-        cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", how.split("-")[1],
-               str(model_dir), "--output", str(output)]  # fmt: skip
+        cmd = command(how, 2, model_dir, output)
     else:
         cmd = horovodrun("gloo", model_dir, output)
     proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
@@ -223,17 +236,9 @@ def test_sigterm_during_validation_abandons_it(launcher, model_dir, tmp_path):
         ),
     )
     output, marker = tmp_path / "out", tmp_path / "validating"
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", launcher, str(model_dir),
-           "--output", str(output)]  # fmt: skip
-    proc = start_and_wait_for_training(cmd, {"MARKER": str(marker)}, output)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "validation did not start"
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 12, stdout[-2000:]
+    cmd = command(f"launch-{launcher}", 2, model_dir, output)
+    proc, stdout, stderr, seconds = sigterm_when_marked(cmd, marker, output, "validation")
+    assert seconds < 12, stdout[-2000:]
     assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
     assert (
         "stopped by SIGTERM at batch 5;" in stdout
@@ -271,8 +276,7 @@ def test_launch_restarts_after_a_crash(model_dir, tmp_path):
 
 def test_launch_gives_up_after_max_restarts(model_dir, tmp_path):
     write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG + "max_restarts: 2\n")
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
-           "--output", str(tmp_path / "out")]  # fmt: skip
+    cmd = command("launch-gloo", 2, model_dir, tmp_path / "out")
     proc, _ = run_with_env(cmd, {"CRASH_AT": "2", "ALWAYS": "1", "MARKER": str(tmp_path / "m")}, timeout=240)
     assert proc.returncode != 0
     assert proc.stdout.count("harness launch: restart ") == 2
@@ -293,8 +297,7 @@ def test_launch_names_a_killed_rank_as_the_cause(model_dir, tmp_path):
 
 def test_launch_does_not_retry_bad_input(model_dir, tmp_path):
     write_model_def(model_dir, config=RESUME_CONFIG.replace("batch: 20", "batch: 21"))
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
-           "--output", str(tmp_path / "out")]  # fmt: skip
+    cmd = command("launch-gloo", 2, model_dir, tmp_path / "out")
     proc, _ = run_with_env(cmd, {}, timeout=120)
     assert proc.returncode == 2
     assert "harness launch: restart" not in proc.stdout

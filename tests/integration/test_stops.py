@@ -7,8 +7,8 @@ import time
 
 import pytest
 from conftest import write_model_def
-from test_launchers import BIN, reports
-from test_long_runs import RESUME_CONFIG, RESUME_MODEL, start_and_wait_for_training
+from test_launchers import BIN, command, reports
+from test_long_runs import RESUME_CONFIG, RESUME_MODEL, sigterm_when_marked, start_and_wait_for_training
 
 from harness import checkpoint
 
@@ -56,13 +56,16 @@ def test_ctrl_c_in_one_process_checkpoints_and_exits_130(model_dir, tmp_path):
     assert checkpoint.verify(line.split("checkpoint: ")[1].strip()) is None
 
 
-def test_ctrl_c_to_harness_launch_stops_the_job_and_exits_130(model_dir, tmp_path):
+def training_under_harness_launch(model_dir, output):
+    """`harness launch` (gloo, 2 ranks) of a long run, once it trains; returns (the process, rank pids)."""
     write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
+    proc = start_and_wait_for_training(command("launch-gloo", 2, model_dir, output), {"SLOW": "0.02"}, output)
+    return proc, rank_pids(output)
+
+
+def test_ctrl_c_to_harness_launch_stops_the_job_and_exits_130(model_dir, tmp_path):
     output = tmp_path / "out"
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
-           "--output", str(output)]  # fmt: skip
-    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
-    pids = rank_pids(output)
+    proc, pids = training_under_harness_launch(model_dir, output)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
@@ -73,12 +76,8 @@ def test_ctrl_c_to_harness_launch_stops_the_job_and_exits_130(model_dir, tmp_pat
 
 
 def test_sigkill_of_harness_launch_leaves_no_rank(model_dir, tmp_path):
-    write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
     output = tmp_path / "out"
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
-           "--output", str(output)]  # fmt: skip
-    proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
-    pids = rank_pids(output)
+    proc, pids = training_under_harness_launch(model_dir, output)
     proc.kill()
     proc.communicate(timeout=30)
     gone_after = wait_gone(pids, 30)
@@ -142,8 +141,7 @@ def test_sigterm_during_download_data_stops_within_seconds(launcher, model_dir, 
 
     write_model_def(model_dir, data=GOOD_DATA + SLOW_DOWNLOAD)
     output, marker = tmp_path / "out", tmp_path / "downloading"
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", launcher, str(model_dir),
-           "--output", str(output)]  # fmt: skip
+    cmd = command(f"launch-{launcher}", 2, model_dir, output)
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], MARKER=str(marker))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
@@ -192,17 +190,9 @@ def test_sigterm_during_evaluate_full_dataset_abandons_it(model_dir, tmp_path):
         config=LONG.replace("batch: 20", "global_batch_size: 20").replace("metric: accuracy", "metric: x"),
     )
     output, marker = tmp_path / "out", tmp_path / "evaluating"
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", str(model_dir),
-           "--output", str(output)]  # fmt: skip
-    proc = start_and_wait_for_training(cmd, {"MARKER": str(marker)}, output)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "evaluate_full_dataset did not start"
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 15, stdout[-2000:]
+    cmd = command("launch-gloo", 2, model_dir, output)
+    proc, stdout, stderr, seconds = sigterm_when_marked(cmd, marker, output, "evaluate_full_dataset")
+    assert seconds < 15, stdout[-2000:]
     assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
     assert "stopped by SIGTERM at batch 5;" in stdout, stdout[-2000:]
     assert stop_line(output) == 5
