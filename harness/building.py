@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from harness import trial as trial_api
 from harness import watchdog
 from harness.definition import ModelDefinition, positional_arity, user_frame
 from harness.errors import HarnessError, Interrupted
@@ -96,6 +97,21 @@ def build_lr_scheduler(trial: Any, model_def: ModelDefinition, optimizer: Any) -
             "LRScheduler(scheduler, step_mode=...) from pedl.frameworks.pytorch or harness"
         )
     return sched
+
+
+def make_loaders(
+    model_def: ModelDefinition,
+    config_dict: Dict[str, Any],
+    hparams: Dict[str, Any],
+    backend: Any,
+    download_timeout: Optional[float] = None,
+    stop: Any = None,
+) -> Tuple[Any, Any]:
+    """download_data() once per machine, then make_data_loaders() on every rank: (training, validation)."""
+    data_dir = download_once_per_machine(model_def, config_dict, hparams, backend, download_timeout, stop)
+    trial_api._set_context(hparams, data_dir)
+    loaders = call_user(model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams)
+    return check_loader_pair(loaders)
 
 
 def check_loader_pair(loaders: Any) -> Tuple[Any, Any]:

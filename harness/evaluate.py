@@ -11,7 +11,6 @@ and reads nothing in the training output directory but the checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from harness import config as config_mod
 from harness import trial as trial_api
 from harness.adapters import LOSSES_API, make_adapter
 from harness.errors import HarnessError, say
-from harness.report import _fmt
+from harness.report import format_metrics
 
 
 def find_checkpoint(path: str) -> str:
@@ -116,13 +115,9 @@ def _build_trial(model_def: Any, cfg: config_mod.ExperimentConfig) -> Tuple[Any,
 
 def _validation_loader(model_def: Any, cfg: config_mod.ExperimentConfig, backend: Any) -> Any:
     """make_data_loaders()'s validation loader, after download_data() ran once per machine."""
-    config_dict, hparams = cfg.as_dict(), cfg.hyperparameters
-    data_dir = build.download_once_per_machine(model_def, config_dict, hparams, backend, cfg.download_timeout)
-    trial_api._set_context(hparams, data_dir)
-    loaders = build.call_user(
-        model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams
+    _, val_loader = build.make_loaders(
+        model_def, cfg.as_dict(), cfg.hyperparameters, backend, cfg.download_timeout
     )
-    _, val_loader = build.check_loader_pair(loaders)
     if val_loader is None:
         raise HarnessError("make_data_loaders() returned no validation loader (None): nothing to evaluate")
     return val_loader
@@ -157,8 +152,7 @@ def evaluate(model_def: Any, cfg: config_mod.ExperimentConfig, ckpt: str, backen
     backend.broadcast_model(model)
     build.seed_everything(cfg.reproducibility.experiment_seed + backend.rank)
     watchdog.current().phase("evaluation")
-    dtype = options.autocast_dtype
-    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+    with options.autocast(device.type):
         return adapter.evaluate(model, val_loader, device, backend)
 
 
@@ -180,8 +174,7 @@ def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None
     metrics = evaluate(model_def, cfg, ckpt, backend)
     if backend.rank == 0:
         batches = state.get("progress", {}).get("batches")
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        say(f"[evaluation] checkpoint {ckpt} (batch {batches})  {shown}")
+        say(f"[evaluation] checkpoint {ckpt} (batch {batches})  {format_metrics(metrics)}")
         if args.output:
             os.makedirs(args.output, exist_ok=True)
             record = {"type": "evaluation", "checkpoint": os.path.abspath(ckpt), "batches": batches}

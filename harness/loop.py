@@ -64,14 +64,9 @@ def train(
     per_rank_batch = global_batch // backend.size
 
     # Data: downloaded once per machine, then every rank's loaders, sharded across ranks.
-    data_dir = build.download_once_per_machine(
+    train_loader, val_loader = build.make_loaders(
         model_def, config_dict, hparams, backend, config.download_timeout, stop
     )
-    trial_api._set_context(hparams, data_dir)
-    loaders = build.call_user(
-        model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams
-    )
-    train_loader, val_loader = build.check_loader_pair(loaders)
     train_loader, sampler = shard_training_loader(
         train_loader, per_rank_batch, backend.rank, backend.size, seed
     )

@@ -8,9 +8,10 @@ step (optimizer_step.py) applies; `horovod_environment` passes the tuning keys t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Dict, List, MutableMapping, Optional
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, MutableMapping, Optional
 
 from harness.errors import HarnessError
 
@@ -81,6 +82,13 @@ class TrainingOptions:
 
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
 
+    def autocast(self, device_type: str) -> ContextManager[Any]:
+        """The context of forward passes (training's and validation's): autocast, or nothing under fp32."""
+        import torch
+
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
     def describe(self) -> str:
         """`aggregation 4, bf16 autocast, clip L2 1.0` for the run's first line ('' when all are off)."""
         parts = []
@@ -110,16 +118,21 @@ def _precision(value: Any, key: str) -> str:
     return str(value)
 
 
+_BOOLEANS = (
+    "average_aggregated_gradients",
+    "average_training_metrics",
+    "gradient_compression",
+    "auto_tune_tensor_fusion",
+)
+
+
 def _check(name: str, value: Any, key: str) -> Any:
     """Validate one option's value (from either spelling); `key` names where it came from."""
     if value is None:
         return None
     if name == "mixed_precision":
         return _precision(value, key)
-    if name in ("average_aggregated_gradients", "average_training_metrics", "gradient_compression"):
-        if not isinstance(value, bool):
-            raise HarnessError(f"config key '{key}': expected true or false, got {value!r}")
-    elif name == "auto_tune_tensor_fusion":
+    if name in _BOOLEANS:
         if not isinstance(value, bool):
             raise HarnessError(f"config key '{key}': expected true or false, got {value!r}")
     elif name == "aggregation_frequency":

@@ -39,11 +39,7 @@ class OptimizerStep:
         self._used_lrs: Optional[List[float]] = None
         # Horovod's DistributedOptimizer: gradients are allreduced by its hooks; we synchronize explicitly.
         self._horovod = hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
-        device_type = (device or torch.device("cpu")).type
-        dtype = options.autocast_dtype
-        self._autocast = (
-            (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
-        )
+        self._device_type = device_type = (device or torch.device("cpu")).type
         self.scaler = torch.amp.GradScaler(device_type) if options.precision == "fp16" else None
         self.pending = 0  # batches whose gradients are accumulated but not yet applied
         # Optimizer steps the GradScaler skipped (inf/NaN gradients), counted on the device: reading the
@@ -54,7 +50,7 @@ class OptimizerStep:
 
     def forward(self) -> ContextManager[Any]:
         """The context of a forward pass and its loss (autocast, or nothing)."""
-        return self._autocast()
+        return self.options.autocast(self._device_type)
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward for this batch; the optimizer steps when the aggregation window is complete."""

@@ -28,6 +28,11 @@ def _fmt(value: Any) -> str:
     return _number(value) if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
+def format_metrics(metrics: Reduced) -> str:
+    """`accuracy 0.9806  loss 0.0754`: a console line's metrics."""
+    return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
 def read_metrics(path: str) -> List[Dict[str, Any]]:
     """The reports in a metrics.jsonl; a torn last line (a killed writer) is ignored."""
     entries = []
@@ -123,8 +128,7 @@ class Reporter:
         self._tb.flush()
         if kind == "training" and isinstance(metrics.get("loss"), float):
             self._last_loss = metrics["loss"]
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        self.log(f"[{kind:<10}] batch {batches:>6}  epoch {epoch:6.2f}  {shown}")
+        self.log(f"[{kind:<10}] batch {batches:>6}  epoch {epoch:6.2f}  {format_metrics(metrics)}")
 
     def _tensorboard(self, tag: str, value: Any, step: int) -> None:
         if isinstance(value, list):  # non-scalar: one scalar per element
