@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -178,16 +179,24 @@ HEARTBEAT_SECONDS = 2.0
 def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 only while the other ranks wait; every rank returns its result.
 
-    Rank 0 runs `fn` in its main thread and a heartbeat thread beside it; the other ranks repeat the
-    heartbeat allreduce until rank 0 contributes "done", then receive the result by broadcast. If `fn`
-    raises, rank 0 re-raises it and the others raise `PeerFailure` naming it.
+    The other ranks wait without tripping Horovod's stall warning: under Gloo they repeat a small heartbeat
+    allreduce with a thread of rank 0 until rank 0 contributes "done"; under MPI they poll a non-blocking
+    barrier outside Horovod, and no Horovod collective comes from a second thread. Then they receive the
+    result by broadcast. If `fn` raises, rank 0 re-raises it and the others raise `PeerFailure` naming it.
     """
     if backend.size == 1:
         return fn()
     watch = watchdog.current()
+    comm = getattr(backend, "_comm", None)
     if backend.rank != 0:
-        while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
-            watch.beat()
+        if comm is not None:
+            request = comm.Ibarrier()
+            while not request.Test():
+                time.sleep(0.05)
+                watch.beat()
+        else:
+            while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
+                watch.beat()
         status, value = backend.broadcast_object(None)
         if status == "error":
             raise PeerFailure(f"rank 0 failed while working alone: {value}")
@@ -197,16 +206,17 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
 
     done = threading.Event()
 
-    def heartbeat() -> None:
+    def beside() -> None:
         while True:
             finished = done.wait(HEARTBEAT_SECONDS)
-            backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
-            watch.beat()  # rank 0's own code may take long here; a stuck rank 0 stops the heartbeats
+            if comm is None:
+                backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
+            watch.beat()  # rank 0's own code may take long here
             if finished:
                 return
 
-    beat = threading.Thread(target=heartbeat, name="harness-heartbeat", daemon=True)
-    beat.start()
+    thread = threading.Thread(target=beside, name="harness-heartbeat", daemon=True)
+    thread.start()
     error: Optional[BaseException] = None
     try:
         outcome = ("ok", fn())
@@ -216,7 +226,9 @@ def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
         error, outcome = e, ("error", f"{type(e).__name__}: {e}")
     finally:
         done.set()
-        beat.join()
+        thread.join()
+    if comm is not None:
+        comm.Ibarrier().Wait()
     backend.broadcast_object(outcome)
     if error is not None:
         raise error
