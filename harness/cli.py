@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     progress_bar = not args.quiet and sys.stdout.isatty() and not distributed.under_launcher()
     code = 0
     try:
-        loop.train(model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar)
+        loop.train(
+            model_def, cfg, args.output, backend, args.fresh, args.resume, progress_bar, args.search_trial
+        )
     except Interrupted as e:  # Ctrl-C after the checkpoint, or a stop before training began
         code = e.exit_code
         if rank == 0 and "nothing trained" in str(e):
@@ -92,7 +94,7 @@ def _is_collective_failure(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
 
 
-SUBCOMMANDS = ("launch", "plot", "summary", "evaluate", "export")
+SUBCOMMANDS = ("launch", "search", "plot", "summary", "evaluate", "export")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -108,6 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from harness import launch
 
                 return launch.launch(argv[1:])
+            if argv[0] == "search":
+                from harness import search
+
+                return search.main(argv[1:])
             from harness import tools
 
             return tools.main(argv)

@@ -31,8 +31,8 @@ _STEP_PERIOD_KEYS = ("min_validation_period", "min_checkpoint_period")
 _STEPS = "steps"  # parse-time unit of an integer period, converted to batches once batches_per_step is known
 
 _SEARCH_ADVICE = (
-    "is a hyperparameter search, which this harness cannot run yet; to train one trial, use "
-    "searcher.name: single with one value per hyperparameter ({type: const, val: ...} or a plain value)"
+    "is a hyperparameter search: run it with `harness search MODEL_DIR --config FILE --output OUT` "
+    "(to train one trial, use searcher.name: single with one value per hyperparameter)"
 )
 
 # Field metadata: "internal" fields are set by parse_config, never read from YAML nor written by as_dict;
@@ -229,7 +229,8 @@ def _refuse_search(raw: Dict[str, Any]) -> None:
         return  # a non-string name gets _build's type error
     if name in SEARCHERS:
         raise HarnessError(f"config key 'searcher.name': '{name}' {_SEARCH_ADVICE}")
-    raise HarnessError(f"config key 'searcher.name': unknown searcher {name!r}; use single")
+    known = ", ".join(s for s in SEARCHERS if s not in ("pbt", "custom"))
+    raise HarnessError(f"config key 'searcher.name': unknown searcher {name!r} (known: {known})")
 
 
 def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:

@@ -21,8 +21,13 @@ from harness.options import parse_args
 from harness.outputlock import HOLDER_ENV, OutputLock
 
 
-def _launch_command(launcher: str, np_: int, hosts: Optional[str], harness_args: List[str]) -> List[str]:
+def _launch_command(
+    launcher: Optional[str], np_: int, hosts: Optional[str], harness_args: List[str]
+) -> List[str]:
     harness = [sys.executable, "-m", "harness", *harness_args]
+    if launcher is None and np_ == 1 and not hosts:
+        return harness  # one process on this machine needs no launcher (3 s less start-up)
+    launcher = launcher or "horovodrun"
     hosts = hosts or f"localhost:{np_}"
     if launcher == "mpirun":
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
@@ -208,7 +213,11 @@ def launch(argv: List[str]) -> int:
     )
     p.add_argument("-np", type=int, default=1, help="number of ranks (default 1)")
     p.add_argument("-H", dest="hosts", help="hosts, e.g. a:4,b:4 (default localhost:NP)")
-    p.add_argument("--launcher", choices=["horovodrun", "gloo", "mpi", "mpirun"], default="horovodrun")
+    p.add_argument(
+        "--launcher",
+        choices=["horovodrun", "gloo", "mpi", "mpirun"],
+        help="default horovodrun; with -np 1 and no -H, the one process runs without a launcher",
+    )
     p.add_argument("--max-restarts", type=int, help="overrides the config's max_restarts")
     args, harness_args = p.parse_known_args(argv)
 

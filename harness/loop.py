@@ -13,6 +13,7 @@ import yaml
 
 from harness import building as build
 from harness import checkpoint, optimizations, resume, watchdog
+from harness import search_trial as search
 from harness import trial as trial_api
 from harness.adapters import TrialAdapter, make_adapter
 from harness.config import ExperimentConfig
@@ -35,6 +36,7 @@ def train(
     fresh: bool = False,
     resume_from: Optional[str] = None,
     progress_bar: bool = False,
+    search_trial: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train the trial as `config` says, resuming from a checkpoint in `output_dir` if there is one."""
     watchdog.current().phase("set-up")  # from here stall_timeout applies (start-up had its own limit)
@@ -100,6 +102,7 @@ def train(
     total = config.searcher.max_length.to_batches(progress.batches_per_epoch, global_batch)
     validate_every = _every(config.min_validation_period, progress, global_batch)
     checkpoint_every = _every(config.min_checkpoint_period, progress, global_batch)
+    searcher = search.connect(search_trial, backend, total)  # in a search: reports, may stop early
     train_metrics = MetricAccumulator(device, adapter.training_source)
     best = BestValidation(config)
     last_validation: Dict[str, Any] = {}
@@ -177,8 +180,9 @@ def train(
             if done or progress.batches % config.scheduling_unit == 0:
                 _report_training(train_metrics, progress, reporter, backend, step)
                 reporter.start_period(config.scheduling_unit, global_batch)
-            best_so_far = abandoned = False
+            best_so_far = abandoned = stopped_early = False
             due = done or (validate_every and progress.batches % validate_every == 0)
+            due = due or searcher.validation_due(progress.batches)
             if due and val_loader is not None:
                 with step.forward():  # validation under the same autocast as training
                     result = adapter.evaluate(model, val_loader, device, backend, stop)
@@ -190,10 +194,16 @@ def train(
                     reporter.report(
                         "validation", progress.batches, progress.epoch, progress.records, last_validation
                     )
-            stopping = votes.finish(vote, progress.batches) or abandoned
+                    stopped_early = searcher.should_stop(progress.batches, last_validation)
+            stopping = votes.finish(vote, progress.batches) or abandoned or stopped_early
             periodic = checkpoint_every and progress.batches % checkpoint_every == 0
             if done or stopping or periodic or best_so_far:
                 path = ckpt_ctx.save(last_validation)
+                if stopped_early:
+                    searcher.stopped(progress.batches)
+                    reporter.log(f"stopped early by the searcher at batch {progress.batches}: {path}")
+                    reporter.close()
+                    return last_validation
                 if stopping:
                     reporter.log(
                         f"stopped by {stop.signal_name or 'a stop request on another rank'} at batch "

@@ -14,8 +14,11 @@ launch:
   harness launch -np 2 ./model_def          two ranks (recommended): restarts, one line per failure
 
 other commands:
+  harness search MODEL_DIR --config adaptive.yaml --output OUT [-np N] [--parallel K] [--storage URL]
+                                            PEDL's searches (random, grid, adaptive_asha) on Optuna
   harness plot OUTPUT                       OUTPUT/curves.png: training loss and validation metrics
-  harness summary OUTPUT                    last, min, max of validation metrics; checkpoints
+  harness summary OUTPUT                    last, min, max of validation metrics; checkpoints (a search:
+                                            its trials, best first)
   harness evaluate MODEL_DIR CHECKPOINT     validation metrics of a checkpoint (under a launcher too)
   harness export CHECKPOINT --format torchscript|state_dict --out FILE
 
@@ -38,6 +41,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--output", default="output", help="output directory (default: ./output)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output; start over")
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder")
+    p.add_argument("--search-trial", metavar="FILE", help=argparse.SUPPRESS)  # set by `harness search`
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar (also off when stdout is no terminal)"
     )

@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 
 import yaml
 
+from harness import search_tools
 from harness.errors import HarnessError
 from harness.report import read_metrics
 
@@ -40,6 +41,9 @@ def plot(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="harness plot", description="Write OUTPUT/curves.png.")
     p.add_argument("output")
     args = p.parse_args(argv)
+    if search_tools.is_search(args.output):
+        print(search_tools.plot(args.output))
+        return 0
     entries = _load_run(args.output)
 
     import matplotlib
@@ -77,6 +81,8 @@ def summary(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="harness summary", description="Best and last validation metrics.")
     p.add_argument("output")
     args = p.parse_args(argv)
+    if search_tools.is_search(args.output):
+        return search_tools.print_table(args.output)
     entries = _load_run(args.output)
     metric, smaller = None, True
     try:

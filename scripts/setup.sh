@@ -24,6 +24,8 @@ case "$HARNESS_INSTALL" in editable|none) ;; *) die "HARNESS_INSTALL=$HARNESS_IN
 
 # 1. System packages (Debian). Skipped when all are present, so a second run needs no network.
 APT_PKGS=(openmpi-bin libopenmpi-dev build-essential cmake python3-venv "${EXTRA_APT[@]}")
+# The tests' own PostgreSQL server (harness search --storage across machines); not in the image.
+[ "$HARNESS_INSTALL" != editable ] || APT_PKGS+=(postgresql)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -90,3 +90,32 @@ def test_bench_help_lists_the_options():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--contenders" in proc.stdout and "--harness-src" in proc.stdout
+
+
+def test_search_bench_quick(tmp_path):
+    """bench/search.py on 2 tiny trials: every figure it reports is there and plausible."""
+    out = tmp_path / "search.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "search.py"),
+            "--trials",
+            "2",
+            "--batches",
+            "4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"]),
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    results = json.loads(out.read_text())
+    for parallel in ("parallel1", "parallel2"):
+        row = results[parallel]
+        assert 0 < row["launch_to_first_report_s"] < row["trial_wall_s"] <= row["wall_s"], row
+        assert 0 <= row["bookkeeping_s"] < 10 and row["last_report_to_end_s"] >= 0, row
+    assert results["plain_one_after_another_wall_s"] > 0
+    assert "harness search --parallel 2:" in proc.stdout

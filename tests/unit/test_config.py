@@ -126,7 +126,7 @@ def test_non_const_hyperparameter_is_rejected_naming_the_key(spec, kind):
     msg = str(e.value)
     assert msg.startswith("exp.yaml: ")
     assert "'hyperparameters.learning_rate'" in msg
-    assert f"'{kind}' is a hyperparameter search, which this harness cannot run yet" in msg
+    assert f"'{kind}' is a hyperparameter search: run it with `harness search MODEL_DIR --config FILE" in msg
     assert "use searcher.name: single with one value per hyperparameter" in msg
 
 
@@ -616,14 +616,15 @@ def test_search_searcher_says_what_to_run_instead(name):
     with pytest.raises(HarnessError) as e:
         parse_config(raw, "adaptive.yaml")
     assert str(e.value) == (
-        f"adaptive.yaml: config key 'searcher.name': '{name}' is a hyperparameter search, which this harness "
-        "cannot run yet; to train one trial, use searcher.name: single with one value per hyperparameter "
-        "({type: const, val: ...} or a plain value)"
+        f"adaptive.yaml: config key 'searcher.name': '{name}' is a hyperparameter search: run it with "
+        "`harness search MODEL_DIR --config FILE --output OUT` (to train one trial, use searcher.name: "
+        "single with one value per hyperparameter)"
     )
 
 
 def test_unknown_searcher_name_is_an_error():
-    with pytest.raises(HarnessError, match=r"'searcher\.name': unknown searcher 'singel'; use single"):
+    known = r"\(known: single, random, grid, adaptive, adaptive_simple, adaptive_asha\)"
+    with pytest.raises(HarnessError, match=r"'searcher\.name': unknown searcher 'singel' " + known):
         parse_config({"searcher": {"name": "singel"}})
 
 

@@ -1,0 +1,159 @@
+"""Search configs: PEDL/Determined searchers and hyperparameter types, their errors, each trial's config."""
+
+import optuna
+import pytest
+
+from harness.config import parse_config
+from harness.errors import HarnessError
+from harness.search_space import parse_search
+from harness.search_trial import make_pruner, rungs
+
+BASE = {
+    "hyperparameters": {
+        "batch": 20,
+        "lr": {"type": "log", "base": 10, "minval": -3, "maxval": -1, "count": 3},
+        "width": {"type": "int", "minval": 8, "maxval": 32, "count": 4},
+        "optim": {"kind": {"type": "categorical", "vals": ["sgd", "adam"]}, "momentum": 0.9},
+        "dropout": {"type": "double", "minval": 0.0, "maxval": 0.5, "count": 2},
+        "fixed": {"type": "const", "val": 7},
+    },
+    "searcher": {
+        "name": "grid",
+        "metric": "accuracy",
+        "smaller_is_better": False,
+        "max_length": {"batches": 8},
+    },
+}
+
+
+def with_searcher(**searcher):
+    raw = dict(BASE, searcher=dict(BASE["searcher"], **searcher))
+    return raw
+
+
+def test_grid_values_follow_determined():
+    spec = parse_search(BASE)
+    space = spec.grid_space()
+    assert space["lr"] == [-3.0, -2.0, -1.0]  # exponents; the trial gets 10**x
+    assert space["width"] == [8, 16, 24, 32]
+    assert space["optim.kind"] == ["sgd", "adam"]
+    assert space["dropout"] == [0.0, 0.5]
+    assert spec.grid_size() == 3 * 4 * 2 * 2
+    assert "fixed" not in space  # a constant is not searched
+
+
+def test_int_grid_is_clamped_to_the_integers_in_range_and_count_one_is_the_middle():
+    raw = with_searcher()
+    raw["hyperparameters"] = {"a": {"type": "int", "minval": 1, "maxval": 3, "count": 10}}
+    assert parse_search(raw).grid_space() == {"a": [1, 2, 3]}
+    raw["hyperparameters"] = {"a": {"type": "double", "minval": 1, "maxval": 3, "count": 1}}
+    assert parse_search(raw).grid_space() == {"a": [2.0]}
+
+
+def test_trial_config_is_a_plain_single_trial_config():
+    spec = parse_search(with_searcher(name="adaptive_asha", max_trials=4, mode="aggressive"))
+    values = {"lr": 0.01, "width": 16, "optim.kind": "adam", "dropout": 0.1}
+    raw = spec.trial_config(values, seed=123)
+    assert raw["hyperparameters"]["lr"] == 0.01
+    assert raw["hyperparameters"]["optim"] == {"kind": "adam", "momentum": 0.9}
+    assert raw["hyperparameters"]["fixed"] == {"type": "const", "val": 7}
+    assert raw["searcher"] == {
+        "name": "single",
+        "metric": "accuracy",
+        "smaller_is_better": False,
+        "max_length": {"batches": 8},
+    }
+    assert raw["reproducibility"]["experiment_seed"] == 123
+    cfg = parse_config(raw, "trial")  # what the trial's ranks read
+    assert cfg.hyperparameters["optim"]["kind"] == "adam" and cfg.hyperparameters["fixed"] == 7
+
+
+def test_random_sampling_uses_the_types_and_nested_names():
+    spec = parse_search(with_searcher(name="random", max_trials=3))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    values = spec.trial_hparams(study.ask())
+    assert 10**-3 <= values["lr"] <= 10**-1
+    assert isinstance(values["width"], int) and 8 <= values["width"] <= 32
+    assert values["optim.kind"] in ("sgd", "adam")
+    assert 0.0 <= values["dropout"] <= 0.5
+
+
+def test_categorical_of_lists_is_sampled_by_index():
+    raw = with_searcher(name="random", max_trials=2)
+    raw["hyperparameters"] = {"layers": {"type": "categorical", "vals": [[8], [16, 16]]}}
+    spec = parse_search(raw)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert spec.trial_hparams(study.ask())["layers"] in ([8], [16, 16])
+    assert spec.grid_space() == {"layers": [0, 1]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"searcher": {"name": "bayes", "metric": "a"}}, "'searcher.name': unknown searcher 'bayes' (known:"),
+        ({"searcher": {"name": "pbt", "metric": "a"}}, "'searcher.name': searcher 'pbt' is not supported"),
+        (
+            {"searcher": {"name": "random", "metric": "a"}},
+            "'searcher.max_trials': required by searcher 'random'",
+        ),
+        (
+            {"searcher": {"name": "grid"}},
+            "'searcher.metric': a search compares trials by this validation metric",
+        ),
+        (
+            {"hyperparameters": {"lr": {"type": "double", "minval": 0.1}}},
+            "'hyperparameters.lr': type 'double' needs 'maxval'",
+        ),
+        (
+            {"hyperparameters": {"lr": {"type": "categorical"}}},
+            "'hyperparameters.lr': type 'categorical' needs",
+        ),
+        (
+            {"hyperparameters": {"g": {"lr": {"type": "int", "minval": 5, "maxval": 1, "count": 2}}}},
+            "'hyperparameters.g.lr': minval 5 is greater than maxval 1",
+        ),
+        (
+            {"hyperparameters": {"lr": {"type": "double", "minval": 0.1, "maxval": 1}}},
+            "'hyperparameters.lr': the grid searcher needs 'count' for type 'double'",
+        ),
+        (
+            {"hyperparameters": {"lr": {"type": "uniform"}}},
+            "'hyperparameters.lr.type': unknown type 'uniform'",
+        ),
+        (
+            {"hyperparameters": {"lr": {"type": "log", "minval": 1, "maxval": 2, "base": 1, "count": 2}}},
+            "'hyperparameters.lr.base': expected a positive number other than 1",
+        ),
+        (
+            {"searcher": {"name": "adaptive_asha", "metric": "a", "max_trials": 2, "mode": "wild"}},
+            "'searcher.mode': expected one of aggressive, standard, conservative, got 'wild'",
+        ),
+        (
+            {"searcher": {"name": "adaptive", "metric": "a", "max_trials": 2, "divisor": 1}},
+            "'searcher.divisor': expected an integer >= 2, got 1",
+        ),
+    ],
+)
+def test_each_config_error_is_one_line_naming_the_key(change, message):
+    raw = dict(BASE, **change)
+    with pytest.raises(HarnessError) as e:
+        parse_search(raw, "adaptive.yaml")
+    text = str(e.value)
+    assert text.startswith("adaptive.yaml: config key ") and message in text, text
+    assert "\n" not in text
+
+
+def test_single_with_a_searched_type_says_what_to_do():
+    raw = with_searcher(name="single")
+    with pytest.raises(HarnessError, match="searcher 'single' trains one trial"):
+        parse_search(raw)
+
+
+def test_rungs_and_pruners_follow_the_modes():
+    assert rungs(160, 4, 3) == [10, 40]  # 160 / 4**2, then ×4; the last rung is the full length
+    assert rungs(100, 4, 5) == [1, 4, 16, 64]  # too short for 5 rungs of 4: starts at one batch
+    aggressive = make_pruner({"divisor": 4, "max_rungs": 3, "mode": "aggressive"}, 160)
+    assert isinstance(aggressive, optuna.pruners.SuccessiveHalvingPruner)
+    conservative = make_pruner({"divisor": 4, "max_rungs": 3, "mode": "conservative"}, 160)
+    assert isinstance(conservative, optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(None, 160), optuna.pruners.NopPruner)
