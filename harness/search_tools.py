@@ -78,9 +78,28 @@ def print_table(output: str) -> int:
     if best is None:
         print("no trial reported the searcher metric")
         return 1
-    print(f"best trial: {best['number']} ({info['metric']} {best['best']:.5g}); its checkpoints: "
-          f"harness summary {best['folder']}")  # fmt: skip
+    print(f"best trial: {best['number']} ({info['metric']} {best['best']:.5g}); its best checkpoint: "
+          f"{_best_checkpoint(best['folder'], info) or 'none'}")  # fmt: skip
     return 0
+
+
+def _best_checkpoint(folder: str, info: Dict[str, Any]) -> Optional[str]:
+    """The trial's checkpoint with the best searcher metric (checkpoints keep their validation metrics)."""
+    from harness.checkpoint import checkpoint_dirs
+
+    root = os.path.join(folder, "checkpoints")
+    found = []
+    for batches in checkpoint_dirs(root):
+        try:
+            with open(os.path.join(root, str(batches), "state.json"), encoding="utf-8") as f:
+                value = json.load(f)["validation_metrics"].get(info["metric"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if isinstance(value, (int, float)):
+            found.append((value if info["smaller_is_better"] else -value, -batches))
+    if not found:
+        return None
+    return os.path.join(root, str(-min(found)[1]))
 
 
 def _best_trial(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -137,7 +137,13 @@ def test_grid_runs_every_combination_once_and_summary_and_plot_show_them(model_d
     rows = lines[header + 1 : header + 5]
     values = [float(r.split()[4]) for r in rows]
     assert values == sorted(values, reverse=True)  # best (largest accuracy) first
-    assert f"best trial: {rows[0].split()[0]} " in summary.stdout
+    best = next(line for line in lines if line.startswith("best trial: "))
+    assert best.startswith(f"best trial: {rows[0].split()[0]} (accuracy ")
+    checkpoint = best.split("its best checkpoint: ")[1]
+    assert (
+        os.path.isfile(os.path.join(checkpoint, "model.pt"))
+        and f"/trials/{rows[0].split()[0]}/" in checkpoint
+    )
     plot = subprocess.run(
         [os.path.join(BIN, "harness"), "plot", str(out)], capture_output=True, text=True, timeout=120
     )
