@@ -7,11 +7,11 @@ Horovod.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
-import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -179,60 +179,84 @@ HEARTBEAT_SECONDS = 2.0
 def run_on_chief(backend: Backend, fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 only while the other ranks wait; every rank returns its result.
 
-    The other ranks wait without tripping Horovod's stall warning: under Gloo they repeat a small heartbeat
-    allreduce with a thread of rank 0 until rank 0 contributes "done"; under MPI they poll a non-blocking
-    barrier outside Horovod, and no Horovod collective comes from a second thread. Then they receive the
-    result by broadcast. If `fn` raises, rank 0 re-raises it and the others raise `PeerFailure` naming it.
+    The other ranks wait without tripping Horovod's stall warning. Under MPI they wait in a blocking
+    broadcast outside Horovod (mpi4py), each rank's watchdog fed by a thread that makes no MPI call
+    (polling a non-blocking MPI request beside Horovod's thread crashed Open MPI 4.1: MPI_Test segfaulted).
+    Under Gloo they repeat a small heartbeat allreduce with a thread of rank 0 until rank 0 contributes
+    "done", then receive the result by broadcast. If `fn` raises, rank 0 re-raises it and the others raise
+    `PeerFailure` naming it.
     """
     if backend.size == 1:
         return fn()
     watch = watchdog.current()
-    comm = getattr(backend, "_comm", None)
+    if getattr(backend, "_comm", None) is not None:
+        with _feeding(watch):
+            outcome, error = _attempt(fn) if backend.rank == 0 else ((None, None), None)
+            outcome = backend.broadcast_object(outcome)
+        return _result(outcome, error)
     if backend.rank != 0:
-        if comm is not None:
-            request = comm.Ibarrier()
-            while not request.Test():
-                time.sleep(0.05)
-                watch.beat()
-        else:
-            while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
-                watch.beat()
-        status, value = backend.broadcast_object(None)
-        if status == "error":
-            raise PeerFailure(f"rank 0 failed while working alone: {value}")
-        if status == "stopped":
-            raise StopRequested(value)
-        return value
+        while int(backend.allreduce_sum(torch.zeros(1, dtype=torch.int64)).item()) == 0:
+            watch.beat()
+        return _result(backend.broadcast_object(None), None)
 
     done = threading.Event()
 
-    def beside() -> None:
+    def heartbeat() -> None:
         while True:
             finished = done.wait(HEARTBEAT_SECONDS)
-            if comm is None:
-                backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
+            backend.allreduce_sum(torch.tensor([int(finished)], dtype=torch.int64))
             watch.beat()  # rank 0's own code may take long here
             if finished:
                 return
 
-    thread = threading.Thread(target=beside, name="harness-heartbeat", daemon=True)
-    thread.start()
-    error: Optional[BaseException] = None
+    beat = threading.Thread(target=heartbeat, name="harness-heartbeat", daemon=True)
+    beat.start()
     try:
-        outcome = ("ok", fn())
-    except StopRequested as e:
-        error, outcome = e, ("stopped", str(e))
-    except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
-        error, outcome = e, ("error", f"{type(e).__name__}: {e}")
+        outcome, error = _attempt(fn)
     finally:
         done.set()
-        thread.join()
-    if comm is not None:
-        comm.Ibarrier().Wait()
+        beat.join()
     backend.broadcast_object(outcome)
-    if error is not None:
+    return _result(outcome, error)
+
+
+def _attempt(fn: Callable[[], Any]) -> Tuple[Tuple[str, Any], Optional[BaseException]]:
+    """(what the other ranks learn, the exception to re-raise here)."""
+    try:
+        return ("ok", fn()), None
+    except StopRequested as e:
+        return ("stopped", str(e)), e
+    except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+        return ("error", f"{type(e).__name__}: {e}"), e
+
+
+def _result(outcome: Tuple[str, Any], error: Optional[BaseException]) -> Any:
+    if error is not None:  # rank 0: its own exception
         raise error
-    return outcome[1]
+    status, value = outcome
+    if status == "error":
+        raise PeerFailure(f"rank 0 failed while working alone: {value}")
+    if status == "stopped":
+        raise StopRequested(value)
+    return value
+
+
+@contextlib.contextmanager
+def _feeding(watch: Any) -> Iterator[None]:
+    """Beat the watchdog every HEARTBEAT_SECONDS while this rank waits or works alone (no MPI here)."""
+    done = threading.Event()
+
+    def feed() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            watch.beat()
+
+    feeder = threading.Thread(target=feed, name="harness-feed", daemon=True)
+    feeder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        feeder.join()
 
 
 def init() -> Backend:
