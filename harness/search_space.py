@@ -132,7 +132,7 @@ class SearchSpec:
             return None
         return {"divisor": self.divisor, "max_rungs": self.max_rungs, "mode": self.mode}
 
-    def trial_config(self, values: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    def trial_config(self, values: Dict[str, Any], seed: Optional[int]) -> Dict[str, Any]:
         """One trial's plain config: every hyperparameter a constant, searcher `single`, its own seed."""
         raw = copy.deepcopy(self.raw)
         hparams = raw.setdefault("hyperparameters", {})
@@ -142,8 +142,8 @@ class SearchSpec:
                 group = group[part]
             group[p.path[-1]] = values[p.name]
         raw["searcher"]["name"] = "single"
-        raw.setdefault("reproducibility", {})
-        raw["reproducibility"] = dict(raw["reproducibility"] or {}, experiment_seed=seed)
+        if seed is not None:
+            raw["reproducibility"] = dict(raw.get("reproducibility") or {}, experiment_seed=seed)
         return raw
 
     def trial_hparams(self, trial: Any) -> Dict[str, Any]:

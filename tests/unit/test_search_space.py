@@ -64,6 +64,7 @@ def test_trial_config_is_a_plain_single_trial_config():
         "max_length": {"batches": 8},
     }
     assert raw["reproducibility"]["experiment_seed"] == 123
+    assert "reproducibility" not in spec.trial_config(values, seed=None)  # the trial draws its own
     cfg = parse_config(raw, "trial")  # what the trial's ranks read
     assert cfg.hyperparameters["optim"]["kind"] == "adam" and cfg.hyperparameters["fixed"] == 7
 
@@ -157,3 +158,23 @@ def test_rungs_and_pruners_follow_the_modes():
     conservative = make_pruner({"divisor": 4, "max_rungs": 3, "mode": "conservative"}, 160)
     assert isinstance(conservative, optuna.pruners.HyperbandPruner)
     assert isinstance(make_pruner(None, 160), optuna.pruners.NopPruner)
+
+
+def test_each_trial_samples_from_its_own_well_mixed_seed():
+    """Neighbouring trial numbers must not draw neighbouring values (NumPy's seeding of neighbouring integers
+    does: the reason for derived_seed)."""
+    from harness.search import derived_seed
+
+    raw = with_searcher(name="random", max_trials=8)
+    spec = parse_search(raw)
+    drawn = []
+    for number in range(8):
+        study = optuna.create_study(
+            sampler=optuna.samplers.RandomSampler(seed=derived_seed(1, number, "sample"))
+        )
+        drawn.append(spec.trial_hparams(study.ask()))
+    widths = [d["width"] for d in drawn]
+    rates = sorted(d["dropout"] for d in drawn)
+    assert len(set(widths)) >= 5, widths
+    assert rates[-1] - rates[0] > 0.25, rates  # spread over most of [0, 0.5]
+    assert derived_seed(1, 3, "sample") == derived_seed(1, 3, "sample") != derived_seed(1, 3, "train")
