@@ -193,6 +193,10 @@ class Search:
             print(f"trial {number}: {text}", flush=True)
 
     def run_trial(self, study: Any, claim: Claim) -> None:
+        if claim.resumed and STOPPED_EARLY in search_study.trial(study, claim.number).user_attrs:
+            # It stopped early, and the search died before recording that: record it, do not train on.
+            self._finish(study, claim.number, os.path.join(self.output, "trials", str(claim.number)), 0, "")
+            return
         folder = self._trial_files(claim)
         shown = ", ".join(f"{k}={_short(v)}" for k, v in claim.values.items()) or "no searched values"
         self.say(claim.number, ("resumed" if claim.resumed else "started") + f" ({shown})")

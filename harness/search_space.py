@@ -214,6 +214,17 @@ def _positive(searcher: Dict[str, Any], key: str, default: Optional[int], minimu
     return value
 
 
+def _from_budget(searcher: Dict[str, Any]) -> None:
+    """PEDL's first adaptive searcher gave a budget: `target_trial_steps` (a full trial's length) and
+    `step_budget` (steps in all). Here: step_budget / target_trial_steps trials of target_trial_steps."""
+    target, budget = searcher.get("target_trial_steps"), searcher.get("step_budget")
+    if not (isinstance(target, int) and isinstance(budget, int)) or target < 1 or budget < target:
+        return  # max_trials' own error says what is missing
+    if "max_length" not in searcher and "max_steps" not in searcher:
+        searcher["max_steps"] = target
+    searcher["max_trials"] = budget // target
+
+
 def parse_search(raw: Any, source: str = "config") -> SearchSpec:
     """Check a search config; errors are one line naming `source` and the key."""
     try:
@@ -251,6 +262,8 @@ def _parse(raw: Any) -> SearchSpec:
             f"config key 'hyperparameters.{params[0].name}': searcher 'single' trains one trial: give one "
             "value (type const), or choose searcher random, grid or adaptive_asha"
         )
+    if name == "adaptive" and "max_trials" not in searcher:
+        _from_budget(searcher)
     if name in ("random",) + ADAPTIVE:
         spec.max_trials = _positive(searcher, "max_trials", None)
     if "max_concurrent_trials" in searcher:

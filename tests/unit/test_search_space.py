@@ -178,3 +178,43 @@ def test_each_trial_samples_from_its_own_well_mixed_seed():
     assert len(set(widths)) >= 5, widths
     assert rates[-1] - rates[0] > 0.25, rates  # spread over most of [0, 0.5]
     assert derived_seed(1, 3, "sample") == derived_seed(1, 3, "sample") != derived_seed(1, 3, "train")
+
+
+def test_a_trial_that_stopped_early_before_a_crash_is_recorded_without_training_on(tmp_path, capsys):
+    """The search died after the trial said "stopped early" and before the study recorded it: the next run
+    records it as stopped early and launches nothing."""
+    import argparse
+    import socket
+
+    from harness import search_study
+    from harness.search import Search
+    from harness.search_trial import STOPPED_EARLY
+
+    spec = parse_search(with_searcher(name="adaptive_asha", max_trials=1, mode="aggressive"))
+    args = argparse.Namespace(output=str(tmp_path), storage=None, study=None, np=1, parallel=1, launcher=None,
+                              hosts=None, max_restarts=None, model_def="/nonexistent")  # fmt: skip
+    search = Search(args, spec)
+    search.workers = 1
+    study = search.study()
+    trial = study.ask()
+    trial.set_user_attr(STOPPED_EARLY, 12)
+    dead = f"{socket.gethostname()}:{2**22 + 12345}"  # no such process
+    study._storage.set_trial_system_attr(trial._trial_id, search_study.OWNER, dead)
+    search.worker()
+    assert search.fatal is None
+    assert [t.state.name for t in study.get_trials()] == ["PRUNED"]
+    assert "trial 0: stopped early at batch 12" in capsys.readouterr().out
+    assert not (tmp_path / "trials" / "0" / "console.log").exists()  # nothing was launched
+
+
+def test_pedls_first_adaptive_searcher_with_a_step_budget():
+    raw = dict(
+        BASE, searcher={"name": "adaptive", "metric": "error", "target_trial_steps": 8, "step_budget": 40}
+    )
+    spec = parse_search(raw)
+    assert spec.max_trials == 5
+    assert spec.trial_config({p.name: p.example() for p in spec.params}, 1)["searcher"] == {
+        "name": "single",
+        "metric": "error",
+        "max_steps": 8,
+    }
