@@ -124,11 +124,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _guarded(lambda: run(args), args.model_def, args.output)
 
 
+def _disarmed_on_error(command: Callable[[], int]) -> int:
+    """The stall watchdog stops as soon as an error leaves the command: formatting and reporting it (reading
+    source lines for the user's frame, on a loaded machine) is not a stall of this rank (seen: rank 0's own
+    "stuck in open() at tokenize.py" line after rank 1's stall had broken its collective)."""
+    from harness import watchdog
+
+    try:
+        return command()
+    except BaseException:
+        watchdog.current().disarm()
+        raise
+
+
 def _guarded(command: Callable[[], int], model_dir: Optional[str], output: Optional[str]) -> int:
     """Run a command of the ranks; any error ends this process with one line (`_fail`)."""
     show_tb = os.environ.get("HARNESS_TRACEBACK") == "1"
     try:
-        return command()
+        return _disarmed_on_error(command)
     except HarnessError as e:
         if show_tb:
             traceback.print_exc()
