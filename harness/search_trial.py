@@ -27,9 +27,14 @@ class NoSearch:
         pass
 
 
+def _first_rung(total: int, divisor: int, max_rungs: int) -> int:
+    """ASHA's min_resource in batches: total / divisor**(max_rungs-1), whole and at least 1."""
+    return max(1, total // divisor ** (max_rungs - 1))
+
+
 def rungs(total: int, divisor: int, max_rungs: int) -> List[int]:
     """The batches at which a trial of `total` batches meets a rung: min_resource * divisor**k < total."""
-    first = max(1, total // divisor ** (max_rungs - 1))
+    first = _first_rung(total, divisor, max_rungs)
     return [first * divisor**k for k in range(max_rungs) if first * divisor**k < total]
 
 
@@ -41,7 +46,7 @@ def make_pruner(pruning: Optional[Dict[str, Any]], total: int) -> Any:
     if not pruning:
         return optuna.pruners.NopPruner()
     divisor, max_rungs = pruning["divisor"], pruning["max_rungs"]
-    first = max(1, total // divisor ** (max_rungs - 1))
+    first = _first_rung(total, divisor, max_rungs)
     brackets = {"aggressive": 1, "standard": max_rungs - (max_rungs - 1) // 2, "conservative": max_rungs}
     count = brackets[pruning["mode"]]
     if count == 1:
