@@ -10,7 +10,7 @@ import contextlib
 import os
 import random
 import socket
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -150,8 +150,8 @@ def download_once_per_machine(
             outcome = ("error", str(e))
         except StopRequested as e:  # SIGTERM / Ctrl-C: abandon the download; every rank stops
             outcome = ("stopped", str(e))
-    host = socket.gethostname()
-    everyone = backend.allgather_object((host, outcome))
+    me = (backend.local_rank, backend.local_size, backend.cross_rank, socket.gethostname())
+    everyone = backend.allgather_object((me, outcome))
     for _, theirs in everyone:
         if theirs is not None and theirs[0] == "error":
             raise HarnessError(theirs[1])
@@ -160,10 +160,36 @@ def download_once_per_machine(
             code = 130 if theirs[1] == "SIGINT" or (stop is not None and stop.exit_code) else 0
             raise Interrupted(f"stopped by {theirs[1]} during download_data(); nothing trained yet", code)
     watchdog.current().phase("set-up")
-    mine = [o for h, o in everyone if h == host and o is not None]
+    machine = machines([who for who, _ in everyone])
+    mine = [o for m, (_, o) in zip(machine, everyone) if m == machine[backend.rank] and o is not None]
     if not mine:
-        raise HarnessError(f"no rank with local rank 0 ran download_data() on {host}")
+        raise HarnessError(f"no rank with local rank 0 ran download_data() on {socket.gethostname()}")
     return mine[0][1]
+
+
+def machines(ranks: List[Tuple[int, int, int, str]]) -> List[Any]:
+    """Which machine each rank is on, from (local rank, local size, cross rank, hostname) of every rank.
+
+    Horovod's own view, not hostnames (containers and cloud images often share one): where every machine
+    runs as many ranks, a machine is a cross rank (Horovod's cross communicator holds one rank per machine,
+    in the same machine order for every local rank, however ranks are mapped). Otherwise a machine is the
+    block of ranks that starts at its local rank 0 (horovodrun and mpirun's default mapping fill machines
+    one after another). Only a mapping that fits neither falls back to hostnames.
+    """
+    if len({size for _, size, _, _ in ranks}) == 1:
+        return [cross for _, _, cross, _ in ranks]
+    firsts = []
+    for rank, (local, size, _, _) in enumerate(ranks):
+        first = rank - local
+        block = ranks[first : first + size] if first >= 0 else []
+        if (
+            len(block) != size
+            or [b[0] for b in block] != list(range(size))
+            or {b[1] for b in block} != {size}
+        ):
+            return [host for _, _, _, host in ranks]
+        firsts.append(first)
+    return firsts
 
 
 def pick_device(backend: Any) -> torch.device:
