@@ -1,11 +1,13 @@
-"""Per-run bookkeeping in OUTPUT/.harness, shared by the ranks and `harness launch` on the same machine:
-each rank's pid (so that the supervisor can signal the ranks directly) and each rank's last failure."""
+"""Per-run bookkeeping in OUTPUT/.harness, shared by the ranks and `harness launch`: each rank's pid and
+machine (so that the supervisor can signal the ranks on its machine directly, and name a rank that died
+without a word) and each rank's last failure. With several machines OUTPUT is on storage they all see."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import socket
 import time
 from typing import Any, Dict, List, Optional
 
@@ -15,12 +17,44 @@ def state_dir(output: str) -> str:
     return os.path.join(output, ".harness")
 
 
+def _pid_space() -> str:
+    """Which pids os.kill reaches: this kernel's boot and this pid namespace (another machine, or another
+    container on this one, has its own)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
+def host_name() -> str:
+    """This rank's machine as people know it: the launcher's name for it (horovodrun -H) and the hostname."""
+    launcher_name, hostname = os.environ.get("HOROVOD_HOSTNAME"), socket.gethostname()
+    if launcher_name and launcher_name not in (hostname, "localhost", "127.0.0.1"):
+        return f"{hostname} ({launcher_name})"
+    return hostname
+
+
 def register_rank(output: str, rank: int) -> None:
-    """Let a supervising `harness launch` find this rank (to pass SIGTERM on to it directly)."""
+    """Let a supervising `harness launch` find this rank: to pass SIGTERM on to it directly (when it runs on
+    the supervisor's machine) and to name it, with its machine, if it dies without a word."""
     directory = os.path.join(state_dir(output), "pids")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"rank{rank}"), "w") as f:
-        f.write(str(os.getpid()))
+        json.dump({"pid": os.getpid(), "host": host_name(), "pid_space": _pid_space()}, f)
+
+
+def ranks(state: str) -> Dict[int, Dict[str, Any]]:
+    """The registered ranks: {rank: {"pid", "host", "pid_space"}}."""
+    out = {}
+    for path in glob.glob(os.path.join(state, "pids", "rank*")):
+        try:
+            with open(path) as f:
+                out[int(os.path.basename(path)[4:])] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def record_failure(output: Optional[str], message: str, code: int, rank: int, consequential: bool) -> None:
@@ -36,15 +70,21 @@ def record_failure(output: Optional[str], message: str, code: int, rank: int, co
         pass
 
 
+def ranks_here(state: str) -> Dict[int, Dict[str, Any]]:
+    """The registered ranks whose pids are this machine's (a pid from another machine is another process)."""
+    here = _pid_space()
+    return {r: v for r, v in ranks(state).items() if v.get("pid_space") == here}
+
+
 def signal_ranks(state: str, sig: int) -> int:
-    """Send `sig` to this machine's ranks (they registered their pids); returns how many were signalled."""
+    """Send `sig` to the ranks on this machine; returns how many were signalled. The others stop with them:
+    stopping is voted on by every rank."""
     sent = 0
-    for path in glob.glob(os.path.join(state, "pids", "rank*")):
+    for rank in ranks_here(state).values():
         try:
-            with open(path) as f:
-                os.kill(int(f.read().strip()), sig)
+            os.kill(int(rank["pid"]), sig)
             sent += 1
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             pass
     return sent
 

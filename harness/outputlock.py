@@ -24,6 +24,11 @@ class LockRefused(HarnessError):
     """Another run holds the output directory."""
 
 
+def holder_value(record: dict) -> Optional[str]:
+    """HOLDER_ENV's value for the holder in `record`: pid and host, as the ranks may run on other machines."""
+    return f"{record['pid']}@{record.get('host')}" if record.get("pid") else None
+
+
 class OutputLock:
     """Held from `acquire` until the process exits (or `release`)."""
 
@@ -37,12 +42,7 @@ class OutputLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         previous = _read(fd)
-        inherited = os.environ.get(HOLDER_ENV)
-        if (
-            inherited
-            and previous.get("pid") == int(inherited)
-            and previous.get("host") == socket.gethostname()
-        ):
+        if holder_value(previous) and os.environ.get(HOLDER_ENV) == holder_value(previous):
             os.close(fd)  # our supervisor holds it for us
             return None
         try:
@@ -62,6 +62,7 @@ class OutputLock:
             0,
         )
         self._fd = fd
+        self.holder = holder_value({"pid": os.getpid(), "host": socket.gethostname()})
         if previous.get("pid") and previous.get("pid") != os.getpid():
             return (
                 f"took over the lock of {os.path.dirname(self.path)} left by pid {previous['pid']} on "

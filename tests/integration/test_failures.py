@@ -65,7 +65,7 @@ def harness_launch(model_dir, output, *extra):
 
 
 def rank_pids(output):
-    return [int(open(p).read()) for p in glob.glob(os.path.join(output, ".harness", "pids", "rank*"))]
+    return [json.load(open(p))["pid"] for p in glob.glob(os.path.join(output, ".harness", "pids", "rank*"))]
 
 
 def _alive(proc):
@@ -171,7 +171,7 @@ def test_second_run_on_the_same_output_is_refused(model_dir, tmp_path):
     try:
         pids = rank_pids(output)
         assert len(pids) == 2
-        rank0 = int((output / ".harness" / "pids" / "rank0").read_text())
+        rank0 = json.loads((output / ".harness" / "pids" / "rank0").read_text())["pid"]
         second, seconds = run_with_env(harness(model_dir, output), {}, timeout=60)
         assert second.returncode == 2, second.stderr[-2000:]
         assert seconds < 15, seconds

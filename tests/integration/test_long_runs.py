@@ -197,7 +197,7 @@ def test_sigterm_checkpoints_and_exits_zero(how, model_dir, tmp_path):
         # To the ranks, as a scheduler that signals the whole job does. (SIGTERM to horovodrun --gloo
         # itself makes horovodrun SIGTERM each rank's `sh -c` wrapper right after the rank exits, so its
         # exit status is 143 or 0 by a race inside horovodrun: README "Long runs".)
-        pids = [int(open(p).read()) for p in glob.glob(str(output / ".harness" / "pids" / "rank*"))]
+        pids = [json.load(open(p))["pid"] for p in glob.glob(str(output / ".harness" / "pids" / "rank*"))]
         assert len(pids) == 2
         for pid in pids:
             os.kill(pid, signal.SIGTERM)

@@ -1,5 +1,6 @@
 """Stops that must leave nothing behind: Ctrl-C everywhere, and a launcher that dies under its ranks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ LONG = RESUME_CONFIG.replace("{batches: 30}", "{batches: 3000}")
 
 def rank_pids(output):
     directory = output / ".harness" / "pids"
-    return [int((directory / name).read_text()) for name in sorted(os.listdir(directory))]
+    return [json.loads((directory / name).read_text())["pid"] for name in sorted(os.listdir(directory))]
 
 
 def wait_gone(pids, seconds):

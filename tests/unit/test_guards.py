@@ -97,7 +97,10 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
 def test_ranks_of_the_supervisor_holding_the_lock_pass(tmp_path, monkeypatch):
     lock = outputlock.OutputLock(str(tmp_path))
     lock.acquire()
-    monkeypatch.setenv(outputlock.HOLDER_ENV, str(os.getpid()))
+    monkeypatch.setenv(outputlock.HOLDER_ENV, str(os.getpid()))  # a pid alone: another machine's could match
+    with pytest.raises(HarnessError, match="in use by another run"):
+        outputlock.OutputLock(str(tmp_path)).acquire()
+    monkeypatch.setenv(outputlock.HOLDER_ENV, lock.holder)  # pid@host, as harness launch sets it
     assert outputlock.OutputLock(str(tmp_path)).acquire() is None
     lock.release()
 
