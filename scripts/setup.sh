@@ -35,13 +35,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The tests' own PostgreSQL server (harness search --storage, several machines); not in the image. Optional:
-# without it that one test is skipped with the reason.
-if [ "$HARNESS_INSTALL" = editable ] && ! dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q "install ok installed"; then
+# What only the tests use, not the image: a PostgreSQL server (harness search --storage) and the two-host
+# test bed's sshd and ip (tests/multihost). Optional: without them those tests are skipped with the reason.
+TEST_PKGS=(postgresql openssh-server iproute2)
+missing=()
+for p in "${TEST_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "$HARNESS_INSTALL" = editable ] && [ "${#missing[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  log "installing postgresql (for the tests)"
-  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
-    || log "warning: postgresql could not be installed; the PostgreSQL search test will be skipped"
+  log "installing ${missing[*]} (for the tests)"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+    || log "warning: ${missing[*]} could not be installed; the tests that need them will be skipped"
 fi
 
 # 2. Virtualenv and Python packages.
