@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from harness import hosts, jobstate
 from harness.errors import HarnessError
-from harness.launcher_output import LOST_GRACE_SECONDS, Output
+from harness.launcher_output import ENDING_GRACE_SECONDS, Output
 from harness.options import parse_args
 from harness.outputlock import HOLDER_ENV, OutputLock
 
@@ -118,7 +118,7 @@ class _Job:
         self.state, self.env = state, env
         self.proc: Optional[subprocess.Popen] = None
         self.terminating: List[int] = []
-        self.ended_here = False  # the ranks on this machine were killed by us, after a lost machine
+        self.ended_here = False  # this attempt's ranks on this machine were killed here (_end_if_failing)
 
     def on_term(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
@@ -150,21 +150,25 @@ class _Job:
                     deadline = time.monotonic() + 60
                 if deadline is not None and time.monotonic() > deadline:
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                if (
-                    output.lost
-                    and time.monotonic() > output.lost[0] + LOST_GRACE_SECONDS
-                    and not self.ended_here
-                ):
-                    self._end_after_loss(output.lost[1])
+                if not self.terminating and not self.ended_here:
+                    self._end_if_failing(output)
         output.join()
         return rc, output.exits
 
-    def _end_after_loss(self, host: str) -> None:
-        """A machine is gone and the launcher has not ended the job: its ranks here wait for the lost ones
-        in a collective that never ends, and nothing can be saved (a checkpoint needs every rank)."""
-        print(
-            f"harness launch: {host} is gone; ending the job (its ranks cannot go on without it)", flush=True
-        )
+    def _end_if_failing(self, output: Output) -> None:
+        """A machine is lost or a rank has failed, and the launcher has not ended the job within
+        ENDING_GRACE_SECONDS: the ranks left wait for the lost ones in collectives that never end, and
+        nothing can be saved (a checkpoint needs every rank). End it here."""
+        failed = [f for f in jobstate.failures(self.state) if "time" in f]
+        since = min([f["time"] for f in failed] + ([output.lost[0]] if output.lost else []), default=None)
+        if since is None or time.time() < since + ENDING_GRACE_SECONDS:
+            return
+        if output.lost:
+            why = f"{output.lost[1]} is gone"
+        else:
+            rank = min(failed, key=lambda f: f["time"])["rank"]
+            why = f"the launcher did not end the job {ENDING_GRACE_SECONDS:.0f} s after rank {rank} failed"
+        print(f"harness launch: {why}; ending the job", flush=True)
         self.ended_here = True
         jobstate.signal_ranks(self.state, signal.SIGKILL)
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -25,10 +25,11 @@ _LOST_PATTERNS = (
     re.compile(r"Connection to (?P<host>\S+) closed by remote host"),
     re.compile(r"lost communication with a remote daemon"),
 )
-# After a machine is lost, the launcher gets this long to end the job itself. Open MPI's teardown waits
-# odls_base_sigkill_timeout twice (SIGCONT, wait, SIGTERM, wait, SIGKILL: a minute at the 30 s that
-# harness launch sets for checkpoints), and the ranks left are blocked in collectives that never end.
-LOST_GRACE_SECONDS = 5.0
+# Once a machine is lost or a rank has failed, the launcher gets this long to end the job itself. Open MPI's
+# teardown waits odls_base_sigkill_timeout twice (SIGCONT, wait, SIGTERM, wait, SIGKILL: a minute at the
+# 30 s that harness launch sets for checkpoints) while the ranks left are blocked in collectives that never
+# end, and after a machine that vanished without closing its connections mpirun waits for it for ever.
+ENDING_GRACE_SECONDS = 10.0
 
 
 class Output:
@@ -39,7 +40,7 @@ class Output:
     def __init__(self, proc: subprocess.Popen):
         self.exits: Dict[int, str] = {}
         self.failed = False  # a rank has printed its error: what follows from it is not news
-        self.lost: Optional[Tuple[float, str]] = None  # (when, which host) a machine was lost
+        self.lost: Optional[Tuple[float, str]] = None  # (when, unix time; which host) a machine was lost
         self.threads = [
             threading.Thread(target=self._pump, args=(src, dst), daemon=True)
             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
@@ -59,7 +60,7 @@ class Output:
             for pattern in _LOST_PATTERNS:
                 m = pattern.search(line)
                 if m and self.lost is None:
-                    self.lost = (time.monotonic(), m.groupdict().get("host") or "a machine")
+                    self.lost = (time.time(), m.groupdict().get("host") or "a machine")
             for keep in quiet.filter(line, self.failed):
                 dst.buffer.write(keep.encode())
             dst.flush()
@@ -68,8 +69,9 @@ class Output:
         dst.flush()
 
     def join(self) -> None:
+        deadline = time.monotonic() + 5  # an orphaned process may still hold the pipe: do not wait for it
         for t in self.threads:
-            t.join(timeout=5)  # an orphaned process may still hold the pipe: do not wait for it
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 _DASHES = re.compile(r"^-{20,}\s*$")

@@ -47,13 +47,16 @@ def bed():
 
 
 def model_def(bed, epochs=EPOCHS):
-    """samples/digits on the shared storage, downloading through COUNTING_DATA."""
+    """samples/digits on the shared storage, downloading through COUNTING_DATA (its config rewritten for
+    `epochs`, or left as it is: None)."""
     target = os.path.join(bed.shared, "model")
     if not os.path.exists(target):
         shutil.copytree(os.path.join(ROOT, "samples", "digits"), target)
         os.rename(os.path.join(target, "data.py"), os.path.join(target, "data_sample.py"))
         with open(os.path.join(target, "data.py"), "w") as f:
             f.write(COUNTING_DATA)
+    if epochs is None:
+        return target
     with open(os.path.join(ROOT, "samples", "digits", "experiment.yaml")) as f:
         config = yaml.safe_load(f)
     config["searcher"]["max_length"] = {"epochs": epochs}
@@ -279,3 +282,28 @@ def test_with_a_fixed_host_list_the_job_waits_for_the_lost_host(bed):
     assert job.text().count("with 4 ranks") == 2
     assert "resuming from" not in job.text()  # no checkpoint before batch 46: it started over
     assert sorted(validations(output)) == [46]
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpirun"])
+def test_a_host_that_vanishes_silently(bed, launcher):
+    """The second host's link goes down before its processes die (power lost, a partition): no connection
+    is closed, so nothing tells the others. Gloo's receive timeout (30 s) or the stall watchdog
+    (stall_timeout, 20 s here) ends the ranks left; harness launch ends the launcher (mpirun would wait for
+    the lost machine for ever) and restarts on the host that remains."""
+    a, b = bed.hosts
+    output = os.path.join(bed.shared, "out")
+    model = model_def(bed)
+    with open(os.path.join(model, "experiment.yaml"), "a") as f:
+        f.write("stall_timeout: 20\n")
+    job = Watch(bed, a, harness_launch(bed, output, "--host-discovery-script", discovery_script(bed),
+                                       launcher=launcher, epochs=None))  # fmt: skip
+    job.until("[training  ] batch     60")
+    subprocess.run(["ip", "-n", b.name, "link", "set", "eth0", "down"], check=True)
+    bed.kill_host(b)
+    lost = time.monotonic()
+    detected = job.until("harness launch: restart 1 of", timeout=150)
+    assert job.finish() == 0, job.text()
+    print(f"{launcher}: a silent host loss ended the attempt after {detected - lost:.1f} s")
+    assert "lost hostb" in job.line_with("restart 1 of")
+    assert f"resuming from {output}/checkpoints/46 at batch 46" in job.text()
+    assert sorted(validations(output)) == [46, 92]
