@@ -29,8 +29,8 @@ def _launch_command(
     on = where.hosts or f"localhost:{where.np}"
     if launcher == "mpirun":
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        passed = [x for v in ("PATH", "PYTHONPATH", HOLDER_ENV) if v in os.environ or v == HOLDER_ENV
-                  for x in ("-x", v)]  # fmt: skip
+        passed = [x for v in ("PATH", "PYTHONPATH") if v in os.environ for x in ("-x", v)]
+        passed += ["-x", HOLDER_ENV]  # set for the ranks in harness launch's environment
         return ["mpirun", *root, "-np", str(where.np), "-H", on, *reach, *passed, *harness]
     flag = {"gloo": ["--gloo"], "mpi": ["--mpi"], "horovodrun": []}[launcher]
     horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -119,6 +119,7 @@ class _Job:
         self.proc: Optional[subprocess.Popen] = None
         self.terminating: List[int] = []
         self.ended_here = False  # this attempt's ranks on this machine were killed here (_end_if_failing)
+        self.failing_since: Optional[float] = None  # when this attempt was first seen to fail
 
     def on_term(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
@@ -140,7 +141,7 @@ class _Job:
         )
         output = Output(self.proc)
         deadline = None
-        self.ended_here = False
+        self.ended_here, self.failing_since = False, None
         while True:
             try:
                 rc = self.proc.wait(timeout=1.0)
@@ -158,15 +159,17 @@ class _Job:
     def _end_if_failing(self, output: Output) -> None:
         """A machine is lost or a rank has failed, and the launcher has not ended the job within
         ENDING_GRACE_SECONDS: the ranks left wait for the lost ones in collectives that never end, and
-        nothing can be saved (a checkpoint needs every rank). End it here."""
-        failed = [f for f in jobstate.failures(self.state) if "time" in f]
-        since = min([f["time"] for f in failed] + ([output.lost[0]] if output.lost else []), default=None)
-        if since is None or time.time() < since + ENDING_GRACE_SECONDS:
+        nothing can be saved (a checkpoint needs every rank). End it here. (Timed by this machine's clock
+        from when it was seen here: another machine's clock may differ.)"""
+        failed = jobstate.failures(self.state)
+        if self.failing_since is None and (output.lost or failed):
+            self.failing_since = time.monotonic()
+        if self.failing_since is None or time.monotonic() < self.failing_since + ENDING_GRACE_SECONDS:
             return
         if output.lost:
-            why = f"{output.lost[1]} is gone"
+            why = f"{output.lost} is gone"
         else:
-            rank = min(failed, key=lambda f: f["time"])["rank"]
+            rank = failed[0]["rank"]
             why = f"the launcher did not end the job {ENDING_GRACE_SECONDS:.0f} s after rank {rank} failed"
         print(f"harness launch: {why}; ending the job", flush=True)
         self.ended_here = True

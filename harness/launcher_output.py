@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 # How launchers report a rank's end: horovodrun --gloo "Process 1 exit with status code 137", Open MPI
 # "... process rank 1 with PID 4242 on node n1 exited on signal 9 (Killed)".
@@ -40,7 +40,7 @@ class Output:
     def __init__(self, proc: subprocess.Popen):
         self.exits: Dict[int, str] = {}
         self.failed = False  # a rank has printed its error: what follows from it is not news
-        self.lost: Optional[Tuple[float, str]] = None  # (when, unix time; which host) a machine was lost
+        self.lost: Optional[str] = None  # the machine the launcher reported lost
         self.threads = [
             threading.Thread(target=self._pump, args=(src, dst), daemon=True)
             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
@@ -60,7 +60,7 @@ class Output:
             for pattern in _LOST_PATTERNS:
                 m = pattern.search(line)
                 if m and self.lost is None:
-                    self.lost = (time.time(), m.groupdict().get("host") or "a machine")
+                    self.lost = m.groupdict().get("host") or "a machine"
             for keep in quiet.filter(line, self.failed):
                 dst.buffer.write(keep.encode())
             dst.flush()

@@ -10,7 +10,8 @@ mount). A command runs "on" a host inside that host's namespaces (nsenter into i
 then reach the other host by ssh, as they would across machines.
 
 Everything made here is removed by `down()`: processes by pid (every pid in a host's network namespace),
-the namespaces (which takes the bridge and veth pairs with them) and the directories.
+the namespaces (which takes the bridge and veth pairs with them) and the directories. What a test process
+killed before its clean-up left is found by name (its pid in it) and removed by the next test bed.
 """
 
 from __future__ import annotations
@@ -54,10 +55,36 @@ class Host:
     sshd: int = 0  # pid (in this machine's pid namespace) of the host's sshd, pid 1 of the host's own
 
 
+PREFIX = (
+    "hmh"  # namespaces hmh<pid of the test process>{s,0,1}; directories /var/tmp/harness-multihost-<pid>-*
+)
+
+
+def sweep_stale() -> None:
+    """Remove what a test process that was killed before its clean-up left (found by name, its pid dead)."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for ns in names:
+        pid = ns[len(PREFIX) : -1]
+        if ns.startswith(PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            for p in subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True
+            ).stdout.split():
+                try:
+                    os.kill(int(p), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for name in os.listdir("/var/tmp"):
+        pid = name.split("-")[2] if name.startswith("harness-multihost-") else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join("/var/tmp", name), ignore_errors=True)
+
+
 class TestBed:
     def __init__(self, hostnames: Sequence[str] = ("hosta", "hostb"), slots: int = 2):
-        tag = f"hmh{os.getpid() % 100000}"
-        self.base = tempfile.mkdtemp(prefix="harness-multihost-", dir="/var/tmp")  # not /tmp: hosts hide it
+        sweep_stale()
+        tag = f"{PREFIX}{os.getpid()}"
+        self.base = tempfile.mkdtemp(prefix=f"harness-multihost-{os.getpid()}-", dir="/var/tmp")  # not /tmp
         self.shared = os.path.join(self.base, "shared")
         self.switch = f"{tag}s"
         self.slots = slots
