@@ -14,6 +14,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
+KEEP = (ROOT, sys.prefix)  # what every host sees, as if installed on each (may lie under /tmp in a clone)
 WHY_NOT = testbed.unavailable()
 pytestmark = [
     pytest.mark.skipif(WHY_NOT is not None, reason=f"two-host test bed: {WHY_NOT}"),
@@ -39,7 +40,7 @@ EPOCHS = 4  # 92 batches of 64: validation (and a checkpoint) at batches 46 and 
 
 @pytest.fixture
 def bed():
-    made = testbed.TestBed().up()
+    made = testbed.TestBed(keep=KEEP).up()
     try:
         yield made
     finally:
@@ -145,7 +146,7 @@ def test_download_once_per_host_when_hosts_share_a_hostname():
     """Containers and cloud images often share a hostname: the grouping is Horovod's (local and cross
     rank), not the hostname's. (Gloo only: Open MPI itself needs distinct hostnames; with two hosts named
     alike, mpirun crashed in MPI_Comm_split here.)"""
-    bed = testbed.TestBed(("node", "node")).up()
+    bed = testbed.TestBed(("node", "node"), keep=KEEP).up()
     try:
         a, b = bed.hosts
         output = os.path.join(bed.shared, "out")

@@ -81,8 +81,12 @@ def sweep_stale() -> None:
 
 
 class TestBed:
-    def __init__(self, hostnames: Sequence[str] = ("hosta", "hostb"), slots: int = 2):
+    def __init__(
+        self, hostnames: Sequence[str] = ("hosta", "hostb"), slots: int = 2, keep: Sequence[str] = ()
+    ):
+        """`keep`: paths every host must see even if they lie under /tmp (the checkout, the virtualenv)."""
         sweep_stale()
+        self.keep = list(keep)
         tag = f"{PREFIX}{os.getpid()}"
         self.base = tempfile.mkdtemp(prefix=f"harness-multihost-{os.getpid()}-", dir="/var/tmp")  # not /tmp
         self.shared = os.path.join(self.base, "shared")
@@ -159,8 +163,16 @@ class TestBed:
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                 "PidFile none\nPrintMotd no\nMaxStartups 200\nMaxSessions 200\n"
             )
+        # The host's own /tmp, through which what the machines share (the checkout, its virtualenv: the
+        # "image") still shows when it lies under /tmp (a CI clone may): bound in first, then carried
+        # along by the recursive bind.
+        private = os.path.join(host.private, "tmp")
+        keep = "".join(
+            f"mkdir -p {private}/{rel} && mount --bind {path} {private}/{rel} && "
+            for path, rel in self._under_tmp()
+        )
         inside = (
-            f"hostname {host.hostname} && mount --bind {host.private}/tmp /tmp && "
+            f"hostname {host.hostname} && {keep}mount --rbind {private} /tmp && "
             f"mount -t tmpfs -o size=2g tmpfs /dev/shm && exec /usr/sbin/sshd -D -e -f {config}"
         )
         log = open(os.path.join(host.private, "sshd.log"), "wb")
@@ -185,6 +197,14 @@ class TestBed:
                 return int(children[0])
             time.sleep(0.05)
         raise RuntimeError(f"unshare (pid {pid}) started no host")
+
+    def _under_tmp(self) -> List[tuple]:
+        """(path, path relative to /tmp) of what must stay shared although it lies under /tmp."""
+        out = []
+        for path in dict.fromkeys(os.path.realpath(p) for p in self.keep):
+            if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k, _ in out):
+                out.append((path, path[len("/tmp/") :]))
+        return out
 
     def _wait_for_sshd(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
