@@ -1,47 +1,47 @@
 # The harness as an image: mount a model definition at /model_def and an output folder at /output; the
 # entrypoint starts one Horovod rank per GPU (README "Docker").
-#   docker build -t harness .                                   GPU flavor: CUDA, NCCL + Gloo + MPI
-#   docker build -t harness:cpu --build-arg FLAVOR=cpu .        CPU flavor (Debian 12): Gloo + MPI
+#   docker build -t harness .                                   GPU flavor: CUDA torch, NCCL + Gloo + MPI
+#   docker build -t harness:cpu --build-arg FLAVOR=cpu .        CPU flavor: Gloo + MPI
 #   docker run --gpus all --shm-size=8g -v $PWD/my_model:/model_def -v $PWD/out:/output harness
-# Both flavors run scripts/setup.sh as `make setup` does (the same Horovod patches and build) in a builder
-# stage; the runtime stage gets the virtualenv, the harness, Open MPI and ssh, and no compilers.
-# scripts/build_image.sh (`make image`) builds it with docker or buildah.
+# Both flavors start from the same Debian 12 base and run scripts/setup.sh as `make setup` does (the same
+# Horovod patches and build) in a builder stage. The GPU flavor's CUDA is PyPI's: torch's CUDA build brings
+# the CUDA runtime, cuDNN and NCCL as nvidia-* packages in the virtualenv, and Horovod is compiled with the
+# nvcc of PyPI's cuda-toolkit release that torch requires (scripts/cuda_toolchain.sh, in the build cache,
+# not in the image) and linked to torch's NCCL. The runtime stage gets the virtualenv, the harness, Open MPI
+# and ssh, and no compilers. scripts/build_image.sh (`make image`) builds it with docker or buildah.
 #
 # Build arguments:
 #   FLAVOR          gpu (default) or cpu
-#   BASE_IMAGE      the CPU flavor's base for both stages (default debian:bookworm-slim; a Debian or Ubuntu
-#                   with Python >= 3.11)
-#   CUDA_VERSION, CUDA_OS   the GPU flavor's nvidia/cuda devel (build) and runtime images
+#   BASE_IMAGE      both stages' base (default debian:bookworm-slim; a Debian or Ubuntu with Python >= 3.11,
+#                   e.g. nvidia/cuda:13.0.2-runtime-ubuntu24.04 for NVIDIA's CUDA images: torch still
+#                   loads its own CUDA libraries)
 #   TORCH_VERSION   default 2.13.0; TORCH_INDEX_URL: an extra index for torch (CPU flavor: PyTorch's CPU
-#                   wheels, https://download.pytorch.org/whl/cpu, unless set, even to nothing)
+#                   wheels, https://download.pytorch.org/whl/cpu, unless set, even to nothing; GPU flavor:
+#                   PyPI's default CUDA build unless set)
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS   pip's own settings, for the build
 #   PIP_CERT        a CA bundle for pip and apt behind a TLS-intercepting proxy, as a path inside the build:
 #                   pass the file as a build secret (docker build / buildah bud
 #                   --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt
 #                   --build-arg PIP_CERT=/run/secrets/pip_cert); it does not end up in the image
-#   HOROVOD_BUILD_CUDA_CC_LIST   GPU architectures to compile Horovod's kernels for (default: all, slower)
+#   HOROVOD_BUILD_CUDA_CC_LIST   GPU architectures to compile Horovod's kernels for, e.g. 80,90 (default:
+#                   every one nvcc knows)
 #   HARNESS_UID     the training user's uid (default 1000)
 
 ARG FLAVOR=gpu
-ARG CUDA_VERSION=13.0.2
-ARG CUDA_OS=ubuntu24.04
 ARG BASE_IMAGE=debian:bookworm-slim
 
-# The flavors differ here, in the images the builder and the runtime stage start from (and below, in the
-# torch index and the NCCL check). Each stage has an instruction: buildah leaves a container behind for a
-# stage with none.
-FROM nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_OS} AS build-gpu
+# The flavors' runtime stages differ here (and the builder below in the torch it installs and the NCCL
+# check). Each stage has an instruction: buildah leaves a container behind for a stage with none.
+FROM ${BASE_IMAGE} AS runtime-gpu
 LABEL harness.flavor=gpu
-FROM ${BASE_IMAGE} AS build-cpu
-LABEL harness.flavor=cpu
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_OS} AS runtime-gpu
-LABEL harness.flavor=gpu
+# What the NVIDIA container toolkit mounts into the container: the driver's CUDA and nvidia-smi.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 FROM ${BASE_IMAGE} AS runtime-cpu
 LABEL harness.flavor=cpu
 
 # ---- builder: /opt/harness/venv with torch and the patched Horovod -------------------------------------
 # hadolint ignore=DL3006
-FROM build-${FLAVOR} AS builder
+FROM ${BASE_IMAGE} AS builder
 ARG FLAVOR
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL

@@ -22,7 +22,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 test: setup lint
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q --durations=15 tests
 
 # The benchmark (bench/README.md): installs the `bench` extra (Lightning, py-spy) with torch pinned to the
 # installed version, then writes bench/RESULTS.md and bench/results.json (about 24 minutes on an idle
@@ -33,13 +33,13 @@ bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
 
 # The image (README "Docker"), with `docker build` where a Docker engine runs, else buildah. Variables go
-# to scripts/build_image.sh: FLAVOR=cpu (default gpu), IMAGE=tag, BASE_IMAGE=..., DEBIAN_BASE=1 (the CPU
-# flavor on a Debian 12 base made here from the apt mirror: no registry needed).
+# to scripts/build_image.sh: FLAVOR=cpu (default gpu), IMAGE=tag, BASE_IMAGE=..., DEBIAN_BASE=1 (a Debian 12
+# base made here from the apt mirror: no registry needed).
 .PHONY: image test-container
 image:
 	bash scripts/build_image.sh
 
-# The container tests alone (`make test` runs them too): builds the CPU image, trains a sample inside it.
+# The container tests alone (`make test` runs them too): builds both flavors, trains a sample inside them.
 test-container: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests/container
 

@@ -6,9 +6,9 @@
 #   FLAVOR       gpu (default) or cpu
 #   IMAGE        the tag (default harness:$FLAVOR)
 #   ENGINE       docker or buildah (default: docker if `docker info` works, else buildah)
-#   BASE_IMAGE   the CPU flavor's base image (the Dockerfile's default: debian:bookworm-slim)
-#   DEBIAN_BASE  1: the CPU flavor on a Debian 12 base made here, once, with debootstrap from this machine's
-#                apt mirror (localhost/debian-base:bookworm), for machines that reach no image registry
+#   BASE_IMAGE   the base image of both stages (the Dockerfile's default: debian:bookworm-slim)
+#   DEBIAN_BASE  1: a Debian 12 base made here, once, with debootstrap from this machine's apt mirror
+#                (localhost/debian-base:bookworm), for machines that reach no image registry
 #   PIP_CERT, PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, TORCH_INDEX_URL: passed on to the build
 #                (PIP_CERT, a file, as a build secret; local PIP_FIND_LINKS folders are mounted (buildah))
 #   HARNESS_WHEEL_CACHE  the host's Horovod wheel cache (default ~/.cache/harness-wheels). buildah mounts it
@@ -93,7 +93,6 @@ make_debian_base() {
 
 args=(--build-arg "FLAVOR=$FLAVOR")
 if [ "${DEBIAN_BASE:-0}" = 1 ]; then
-  [ "$FLAVOR" = cpu ] || die "DEBIAN_BASE=1 is for FLAVOR=cpu"
   make_debian_base
   BASE_IMAGE="$DEBIAN_BASE_IMAGE"
 fi

@@ -6,7 +6,10 @@
 #                       torch, Horovod, the harness's dependencies; the image installs the harness as a wheel)
 #   TORCH_INDEX_URL     an extra package index for torch (e.g. https://download.pytorch.org/whl/cpu)
 #   EXTRA_APT_PACKAGES  more Debian packages to install in step 1 (space-separated)
-#   HARNESS_CHECK_BUILD what `horovodrun --check-build` must list (default: PyTorch MPI Gloo)
+#   HARNESS_CHECK_BUILD what `horovodrun --check-build` must list (default: PyTorch MPI Gloo, and NCCL with a
+#                       CUDA build of torch)
+# With a CUDA build of torch (a GPU machine's `make setup`, the GPU image), Horovod is compiled with NCCL by
+# PyPI's nvcc (scripts/cuda_toolchain.sh): no system CUDA toolkit needed.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -64,8 +67,15 @@ fi
 
 log "installing torch==$TORCH_VERSION and dependencies"
 torch_index=(); [ -z "${TORCH_INDEX_URL:-}" ] || torch_index=(--extra-index-url "$TORCH_INDEX_URL")
-"${PIP[@]}" install "${torch_index[@]}" "torch==$TORCH_VERSION"
+torch_spec="torch==$TORCH_VERSION"
+# The GPU image: never a CPU wheel that a local folder (PIP_FIND_LINKS) offers under the same version.
+[ "${HARNESS_TORCH_FLAVOR:-any}" != gpu ] || torch_spec+=",!=$TORCH_VERSION+cpu"
+"${PIP[@]}" install "${torch_index[@]}" "$torch_spec" numpy  # numpy with it: torch warns on import without
 "$HERE/check_torch.sh" "${HARNESS_TORCH_FLAVOR:-any}" "$VENV"  # the image's flavor (Dockerfile)
+# A CUDA build of torch gets Horovod with NCCL (scripts/build_horovod.sh): check that it has it.
+if [ -n "$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" ]; then
+  [[ " ${CHECK_BUILD[*]} " == *" NCCL "* ]] || CHECK_BUILD+=(NCCL)
+fi
 "${PIP[@]}" install numpy pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
 
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.

