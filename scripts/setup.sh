@@ -76,7 +76,7 @@ torch_spec="torch==$TORCH_VERSION"
 if [ -n "$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" ]; then
   [[ " ${CHECK_BUILD[*]} " == *" NCCL "* ]] || CHECK_BUILD+=(NCCL)
 fi
-"${PIP[@]}" install numpy pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
+"${PIP[@]}" install pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
 
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.
 "$HERE/build_horovod.sh" "$VENV"

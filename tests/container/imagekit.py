@@ -63,6 +63,7 @@ def build_env(flavor, image):
     links = _pip_setting("find-links")
     if links:
         env["PIP_FIND_LINKS"] = links
+    if flavor == "cpu" and links and "TORCH_INDEX_URL" not in env:
         local_torch = [
             f
             for d in links.split()
@@ -70,7 +71,7 @@ def build_env(flavor, image):
             for f in os.listdir(d.removeprefix("file://"))
             if f.startswith(f"torch-{TORCH_VERSION}+cpu-")
         ]
-        if flavor == "cpu" and local_torch and "TORCH_INDEX_URL" not in env:
+        if local_torch:
             env["TORCH_INDEX_URL"] = ""  # the local CPU wheel; no PyTorch index needed
     return env
 
@@ -107,13 +108,21 @@ def build(flavor, image, log):
     return seconds
 
 
+def _inspect(image, template):
+    """`image inspect --format TEMPLATE` (podman beside buildah: build_image.sh installs both)."""
+    tool = "docker" if ENGINE == "docker" else "podman"
+    cmd = [tool, "image", "inspect", "--format", template, image]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
 def image_size(image):
     """The image's size in bytes, as the engine reports it."""
-    if ENGINE == "docker":
-        cmd = ["docker", "image", "inspect", "--format", "{{.Size}}", image]
-    else:
-        cmd = ["podman", "image", "inspect", "--format", "{{.Size}}", image]
-    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
+    return int(_inspect(image, "{{.Size}}"))
+
+
+def image_config(image):
+    """The image's config: User, Env, Labels, Entrypoint, ..."""
+    return json.loads(_inspect(image, "{{json .Config}}"))
 
 
 def run_in_image(image, *command, env=None, mounts=(), user=None, hostname=None, timeout=300):

@@ -7,11 +7,9 @@ operations, every shared library resolving, one NCCL, no compiler left in the im
 training. The GPU path itself is tests/gpu/smoke.sh's, on a machine with one.
 """
 
-import json
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 from imagekit import (
@@ -21,6 +19,7 @@ from imagekit import (
     VENV,
     assert_trained_digits,
     build,
+    image_config,
     image_size,
     needs_engine,
     output_dir,
@@ -133,10 +132,6 @@ def test_cpu_training_in_the_gpu_image(image, tmp_path):
 
 
 def test_image_labels_its_flavor(image):
-    if ENGINE == "docker":
-        cmd = ["docker", "image", "inspect", "--format", "{{json .Config}}", image]
-    else:
-        cmd = ["podman", "image", "inspect", "--format", "{{json .Config}}", image]
-    config = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    config = image_config(image)
     assert config["Labels"]["harness.flavor"] == "gpu"
     assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in config["Env"]
