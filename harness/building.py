@@ -7,9 +7,12 @@ naming the function and the user's file and line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import socket
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 from harness import trial as trial_api
 from harness import watchdog
 from harness.definition import ModelDefinition, positional_arity, user_frame
-from harness.errors import HarnessError, Interrupted
+from harness.errors import HarnessError, Interrupted, describe
 from harness.lr_scheduler import LRScheduler
 from harness.preemption import StopRequested
 from harness.trial import defines
@@ -32,9 +35,7 @@ def call_user(fn: Any, model_def: ModelDefinition, what: str, *args: Any) -> Any
         raise
     except Exception as e:  # noqa: BLE001
         where = user_frame(e.__traceback__, model_def.directory)
-        raise HarnessError(
-            f"{what} raised {type(e).__name__}: {e}" + (f" (at {where})" if where else "")
-        ) from e
+        raise HarnessError(f"{what} raised {describe(e)}" + (f" (at {where})" if where else "")) from e
 
 
 def make_trial(model_def: ModelDefinition, hparams: Dict[str, Any]) -> Any:
@@ -110,7 +111,8 @@ def make_loaders(
     """download_data() once per machine, then make_data_loaders() on every rank: (training, validation)."""
     data_dir = download_once_per_machine(model_def, config_dict, hparams, backend, download_timeout, stop)
     trial_api._set_context(hparams, data_dir)
-    loaders = call_user(model_def.make_data_loaders, model_def, "make_data_loaders()", config_dict, hparams)
+    args = (config_dict, hparams, data_dir) if model_def.loaders_take_dir else (config_dict, hparams)
+    loaders = call_user(model_def.make_data_loaders, model_def, "make_data_loaders()", *args)
     return check_loader_pair(loaders)
 
 
@@ -141,8 +143,13 @@ def download_once_per_machine(
     outcome: Optional[Tuple[str, str]] = None
     if backend.local_rank == 0:
         try:
+            args: Tuple[Any, ...] = (config_dict, hparams)
+            if model_def.download_takes_dir:  # PEDL's 3-argument form: a directory to download into
+                args += (machine_data_dir(model_def.directory, config_dict),)
             with stop.interruptible() if stop is not None else contextlib.nullcontext():
-                path = call_user(model_def.download_data, model_def, "download_data()", config_dict, hparams)
+                path = call_user(model_def.download_data, model_def, "download_data()", *args)
+            if path is None and model_def.download_takes_dir:
+                path = args[2]  # it filled the directory it was given
             if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
                 raise HarnessError(f"download_data() returned {path!r}, which is not an existing directory")
             outcome = ("ok", os.path.abspath(path))
@@ -165,6 +172,18 @@ def download_once_per_machine(
     if not mine:
         raise HarnessError(f"no rank with local rank 0 ran download_data() on {socket.gethostname()}")
     return mine[0][1]
+
+
+def machine_data_dir(model_dir: str, config_dict: Dict[str, Any]) -> str:
+    """The directory a 3-argument download_data() downloads into: on this machine's own disk (under
+    $HARNESS_DATA_DIR, else $TMPDIR/harness-data), one per model definition and data section, kept between
+    runs (so a download that skips what is there is done once per machine, not once per run)."""
+    key = json.dumps([os.path.abspath(model_dir), config_dict.get("data") or {}], sort_keys=True, default=str)
+    name = f"{os.path.basename(os.path.abspath(model_dir))}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    root = os.environ.get("HARNESS_DATA_DIR") or os.path.join(tempfile.gettempdir(), "harness-data")
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def machines(ranks: List[Tuple[int, int, int, str]]) -> List[Any]:

@@ -12,7 +12,7 @@ import traceback
 from typing import Callable, List, Optional
 
 from harness import jobstate
-from harness.errors import HarnessError, Interrupted, PeerFailure, say
+from harness.errors import HarnessError, Interrupted, PeerFailure, describe, say
 from harness.options import parse_args, parse_model_use_args
 from harness.outputlock import LockRefused, OutputLock
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"harness: {took_over}", sys.stderr)
     watchdog.start(rank, cfg.stall_timeout, model_dir, lambda m, c: _fail(m, 1, c, output=args.output))
     threads = distributed.torch_threads()
-    model_def = definition.load(model_dir, cfg.entrypoint)
+    model_def = definition.load_for(model_dir, cfg)
 
     backend = distributed.init()
     distributed.set_threads(backend, threads)
@@ -156,7 +156,7 @@ def _guarded(command: Callable[[], int], model_dir: Optional[str], output: Optio
         from harness.definition import user_frame
 
         where = user_frame(e.__traceback__, os.path.abspath(model_dir)) if model_dir else None
-        message = f"{type(e).__name__}: {e}" + (f" (at {where})" if where else "")
+        message = describe(e) + (f" (at {where})" if where else "")
         _fail(message, 1, _is_collective_failure(e), output=output)
     return 1
 

@@ -81,6 +81,20 @@ class CheckpointStorageConfig:
 
 
 @dataclass
+class EntrypointsConfig:
+    """PEDL v0.11's ``entrypoints:`` section: where the trial class and the data functions are.
+
+    Each value is ``module:name``, the module a file of the model definition (``data``,
+    ``model_def_multi_output``, ``sub.module``); a key left out is found as without the section (the order
+    is in harness/definition.py).
+    """
+
+    trial_class: Optional[str] = None
+    data_loaders_function: Optional[str] = None
+    download_data_function: Optional[str] = None
+
+
+@dataclass
 class ExperimentConfig:
     description: str = ""
     name: str = ""
@@ -91,7 +105,8 @@ class ExperimentConfig:
     scheduling_unit: int = 100  # batches per report; defaults to batches_per_step
     reproducibility: ReproducibilityConfig = field(default_factory=ReproducibilityConfig)
     data: Dict[str, Any] = field(default_factory=dict)
-    entrypoint: Optional[str] = None
+    entrypoint: Optional[str] = None  # Determined's 'module:Class'
+    entrypoints: Optional[EntrypointsConfig] = None  # PEDL v0.11's trial class and data functions
     min_checkpoint_period: Optional[Length] = None  # an integer counts steps (PEDL)
     checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
     checkpoint_policy: str = "best"  # extra checkpoints after validations: best | all | none
@@ -277,8 +292,24 @@ def _validate(cfg: ExperimentConfig) -> None:
             f"config key 'checkpoint_policy': expected one of {', '.join(CHECKPOINT_POLICIES)}, "
             f"got {cfg.checkpoint_policy!r}"
         )
-    if cfg.entrypoint is not None and ":" not in cfg.entrypoint:
-        raise HarnessError(f"config key 'entrypoint': expected 'module:Class', got {cfg.entrypoint!r}")
+    _check_entrypoint("entrypoint", cfg.entrypoint, "module:Class")
+    if cfg.entrypoints is not None:
+        for f in dataclasses.fields(cfg.entrypoints):
+            _check_entrypoint(f"entrypoints.{f.name}", getattr(cfg.entrypoints, f.name), "module:name")
+        if cfg.entrypoint is not None and cfg.entrypoints.trial_class is not None:
+            raise HarnessError(
+                "config keys 'entrypoint' and 'entrypoints.trial_class' both name the trial class; keep one"
+            )
+
+
+def _check_entrypoint(key: str, value: Optional[str], form: str) -> None:
+    module, _, name = (value or "").partition(":")
+    if value is not None and not (_dotted_name(module) and name.isidentifier()):
+        raise HarnessError(f"config key '{key}': expected '{form}', got {value!r}")
+
+
+def _dotted_name(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
@@ -333,10 +364,13 @@ def load_config(path: Optional[str]) -> ExperimentConfig:
     """
     if path is None:
         return parse_config({}, "defaults")
-    raw = load_yaml_file(path)
+    numeric_strings: List[str] = []
+    raw = load_yaml_file(path, numeric_strings)
     if raw is not None and not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a mapping of config keys at the top level")
-    return parse_config(raw, path)
+    cfg = parse_config(raw, path)
+    cfg.warnings[:0] = numeric_strings
+    return cfg
 
 
 def load_for_model(model_def: str, explicit: Optional[str] = None) -> ExperimentConfig:

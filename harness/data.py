@@ -84,7 +84,19 @@ def _check_loader(loader: Any, which: str) -> tud.DataLoader:
             "the harness shards the data itself, remove the sampler"
         )
     if loader.batch_size is None:
-        raise HarnessError(f"the {which} loader has batch_size=None; the harness batches the data itself")
+        batch_sampler = loader.batch_sampler
+        how = (
+            f"a custom batch_sampler ({type(batch_sampler).__name__})"
+            if batch_sampler is not None
+            else "batch_size=None (unbatched)"
+        )
+        raise HarnessError(
+            f"the {which} loader has {how}: the harness shards the records across ranks and batches each "
+            "rank's share itself (the global batch from batch_size() or the hyperparameters, split over "
+            f"the ranks), so it cannot keep batches that the loader makes; return DataLoader(dataset, "
+            "batch_size=N) without batch_sampler (shuffle=True for a shuffled training set), and put what "
+            "the sampler did per record into the dataset or per batch into collate_fn"
+        )
     return loader
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 
 from harness import watchdog
-from harness.errors import PeerFailure
+from harness.errors import PeerFailure, describe
 from harness.preemption import StopRequested
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -227,7 +227,7 @@ def _attempt(fn: Callable[[], Any]) -> Tuple[Tuple[str, Any], Optional[BaseExcep
     except StopRequested as e:
         return ("stopped", str(e)), e
     except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
-        return ("error", f"{type(e).__name__}: {e}"), e
+        return ("error", describe(e)), e
 
 
 def _result(outcome: Tuple[str, Any], error: Optional[BaseException]) -> Any:

@@ -28,6 +28,15 @@ class PeerFailure(Exception):
     """This rank stops because another rank failed (and reports that failure itself)."""
 
 
+def describe(e: BaseException, limit: int = 400) -> str:
+    """``Type: message`` on one line: a message of several lines (NumPy's and torch's often are) joined,
+    and cut at `limit` characters, so that an error stays the one line the launcher shows per rank."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def say(line: str, stream: Optional[TextIO] = None) -> None:
     """Print one line in a single write, so that launchers tagging output ([1,0]<stdout>:) keep it whole.
 

@@ -98,7 +98,11 @@ def effective_config(
         if saved.get("data", {}) != cfg.data:
             said.append(f"{path}: the data section differs from checkpoint {ckpt}'s; evaluating on {path}'s")
     cfg.hyperparameters = dict(trained)
-    cfg.entrypoint = saved.get("entrypoint", cfg.entrypoint)
+    if saved:  # where the trial class and data functions were found in training
+        trained_with = config_mod.parse_config(
+            {k: saved[k] for k in ("entrypoint", "entrypoints") if k in saved}
+        )
+        cfg.entrypoint, cfg.entrypoints = trained_with.entrypoint, trained_with.entrypoints
     seed = state.get("seed", cfg.reproducibility.experiment_seed)
     cfg.reproducibility.experiment_seed = seed if seed is not None else 0
     return cfg, said
@@ -168,7 +172,7 @@ def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None
     if fail is not None:  # the stall watchdog, as in training
         watchdog.start(rank, cfg.stall_timeout, args.model_dir, lambda m, c: fail(m, 1, c))
     threads = distributed.torch_threads()
-    model_def = definition.load(args.model_dir, cfg.entrypoint)
+    model_def = definition.load_for(args.model_dir, cfg)
     backend = distributed.init()
     distributed.set_threads(backend, threads)
     metrics = evaluate(model_def, cfg, ckpt, backend)
@@ -199,7 +203,7 @@ def _load(
         raise HarnessError(f"checkpoint {ckpt} {what}; pass {flag}DIR (the model definition directory)")
     model_dir = os.fspath(model_dir if model_dir is not None else recorded)
     cfg, _ = effective_config(model_dir, None, ckpt, state)
-    model_def = definition.load(model_dir, cfg.entrypoint)
+    model_def = definition.load_for(model_dir, cfg)
     trial, adapter = _build_trial(model_def, cfg)
     model = build.build_model(trial, model_def, cfg.hyperparameters)
     _fit(model, load_weights(ckpt), ckpt, model_def.directory)

@@ -9,7 +9,6 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
-import yaml
 
 from harness import building as build
 from harness import checkpoint, optimizations, resume, watchdog
@@ -26,6 +25,7 @@ from harness.optimizer_step import OptimizerStep
 from harness.preemption import StopRequest, StopVotes
 from harness.report import Reporter
 from harness.state import BestValidation, CheckpointContext, Progress, resume_info, training_totals
+from harness.yaml_load import dump_yaml
 
 
 def train(
@@ -119,7 +119,7 @@ def train(
     if is_chief:  # set-up succeeded: an earlier run in OUTPUT is moved aside only now
         plan.start()
         with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_dict, f, sort_keys=False, allow_unicode=True)
+            dump_yaml(config_dict, f)
     reporter = Reporter(
         output_dir,
         enabled=is_chief,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from harness import search_study, search_tools
-from harness.errors import HarnessError
+from harness.errors import HarnessError, describe
 from harness.search_space import SearchSpec, parse_search
 from harness.search_trial import STOPPED_EARLY
 
@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace) -> SearchSpec:
     spec.source = json.dumps(raw, sort_keys=True, default=str)
     example = spec.trial_config({p.name: p.example() for p in spec.params}, 0)
     cfg = config_mod.parse_config(example, path)  # the rest of the config, as every trial will read it
-    definition.load(args.model_def, cfg.entrypoint)
+    definition.load_for(args.model_def, cfg)
     return spec
 
 
@@ -140,12 +140,12 @@ class Search:
                     return
                 self.run_trial(study, claim)
         except Exception as e:  # noqa: BLE001 - the study's database failing, say: one line, the search ends
-            self.fatal = f"{type(e).__name__}: {e}"
+            self.fatal = describe(e)
 
     # -- one trial -----------------------------------------------------------------------------------------
 
     def _trial_files(self, claim: Claim) -> str:
-        import yaml
+        from harness.yaml_load import dump_yaml
 
         folder = os.path.join(self.output, "trials", str(claim.number))
         os.makedirs(folder, exist_ok=True)
@@ -153,7 +153,7 @@ class Search:
         # (and keeps it in its checkpoints, so a resumed trial goes on with it).
         seed = None if self.spec.seed is None else derived_seed(self.spec.seed, claim.number, "train")
         with open(os.path.join(folder, "trial-config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.spec.trial_config(claim.values, seed), f, sort_keys=False)
+            dump_yaml(self.spec.trial_config(claim.values, seed), f)
         info = {
             "storage": self.url,
             "study": self.name,

@@ -9,11 +9,10 @@ import os
 import sys
 from typing import Any, Dict, List
 
-import yaml
-
 from harness import search_tools
 from harness.errors import HarnessError
 from harness.report import read_metrics
+from harness.yaml_load import load_yaml_file
 
 # ---------------------------------------------------------------------------------------------------------
 # harness plot / summary
@@ -85,12 +84,10 @@ def summary(argv: List[str]) -> int:
         return search_tools.print_table(args.output)
     entries = _load_run(args.output)
     metric, smaller = None, True
-    try:
-        with open(os.path.join(args.output, "config.yaml")) as f:
-            searcher = (yaml.safe_load(f) or {}).get("searcher", {})
+    path = os.path.join(args.output, "config.yaml")
+    if os.path.isfile(path):
+        searcher = (load_yaml_file(path) or {}).get("searcher", {})
         metric, smaller = searcher.get("metric"), searcher.get("smaller_is_better", True)
-    except OSError:
-        pass
     last = entries[-1]
     print(f"run: {os.path.abspath(args.output)}")
     print(f"trained: {last['batches']} batches, {last['epoch']:.2f} epochs, {last['records']} records")

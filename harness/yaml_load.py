@@ -6,10 +6,17 @@ be copied into every checkpoint), files over MAX_BYTES (checked before reading, 
 parsed), nesting deeper than MAX_DEPTH, duplicate keys (YAML keeps the last one silently), and files
 that are not UTF-8 text. Each refusal is a HarnessError naming the file and, where there is one, the line.
 Anchors are refused outright, even a harmless one: write the values out.
+
+Plain scalars are read as YAML 1.2 reads them (the core schema, as ruamel.yaml reads it), because that is
+how PEDL's and Determined's command-line tools read configs: `1e-4`, `-2E+3`, `.5` and `6.` are floats,
+`0o17` is octal and `017` decimal, `yes`/`no`/`on`/`off` and `1:20` are strings. PyYAML alone follows
+YAML 1.1, where `1e-4` is the string '1e-4' and `on` is True.
 """
 
+import math
 import os
-from typing import Any, Dict, List
+import re
+from typing import Any, Dict, List, Optional, TextIO
 
 import yaml
 from yaml.events import AliasEvent, CollectionStartEvent
@@ -24,15 +31,22 @@ MAX_DEPTH = 32  # nested mappings and lists; the top-level mapping is level 1
 _MERGE_TAGS = ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value")
 
 
-def load_yaml_file(path: str) -> Any:
-    """The data of the YAML file at `path` (safe loader, one document), or a HarnessError saying why not."""
+def load_yaml_file(path: str, warnings: Optional[List[str]] = None) -> Any:
+    """The data of the YAML file at `path` (safe loader, one document), or a HarnessError saying why not.
+
+    A plain value that YAML 1.2 reads as a string but Python would read as a number (`inf`, `.5e3`) is
+    named in a line appended to `warnings`, if given: it reaches user code as a string.
+    """
     text = _read_text(path)
     try:
         loader = _LimitedLoader(text, path)  # checks the characters at once
         try:
-            return loader.get_single_data()
+            data = loader.get_single_data()
         finally:
             loader.dispose()
+        if warnings is not None:
+            warnings.extend(loader.numeric_strings)
+        return data
     except ReaderError as e:  # a character YAML does not allow (a control character)
         line = text.count("\n", 0, e.position) + 1
         char = e.character if isinstance(e.character, int) else ord(e.character)
@@ -92,6 +106,7 @@ class _LimitedLoader(yaml.SafeLoader):
         self.depth = 0
         self.keys: List[Dict[Any, int]] = []  # per open mapping: key -> its line
         self.where: List[str] = []  # the keys (and list indices) leading to the node being composed
+        self.numeric_strings: List[str] = []  # warnings: plain values that stay strings but look numeric
 
     def refuse(self, mark: Any, message: str) -> HarnessError:
         return HarnessError(f"{self.path} line {mark.line + 1}: {message}")
@@ -125,7 +140,25 @@ class _LimitedLoader(yaml.SafeLoader):
                 self.depth -= 1
         if isinstance(parent, MappingNode) and index is None:  # a key of the innermost open mapping
             self.check_key(node)
+        elif isinstance(node, ScalarNode) and node.style is None and node.tag == _STR:
+            self.check_numeric_string(node, self.where + ([step] if step is not None else []))
         return node
+
+    def check_numeric_string(self, node: ScalarNode, where: List[str]) -> None:
+        """A plain value left a string that Python reads as a number: likely meant as one."""
+        number = _python_number(node.value)
+        if number is None:
+            return
+        key = ".".join(where) or "the document"
+        if math.isinf(number) or math.isnan(number):
+            spelled = ("-" if number < 0 else "") + (".inf" if math.isinf(number) else ".nan")
+        else:
+            spelled = repr(number)
+        self.numeric_strings.append(
+            f"{self.path} line {node.start_mark.line + 1}: {key}: {node.value} is read as the string "
+            f"{node.value!r} (YAML 1.2, as PEDL and Determined read configs); write {spelled} for a number, "
+            "or quote it to keep a string"
+        )
 
     def check_key(self, node: Node) -> None:
         if not isinstance(node, ScalarNode) or node.tag in _MERGE_TAGS:
@@ -160,3 +193,93 @@ def _short(value: Any, quote: bool = True, limit: int = 60) -> str:
     text = repr(value) if quote else str(value)
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# YAML 1.2 core schema for plain scalars, as ruamel.yaml (PEDL's and Determined's config reader) resolves
+# them; tests/unit/test_yaml12.py holds it against ruamel.yaml itself. Underscores are ruamel's extension
+# (`1_000` stays a number, as it was under PyYAML too); a form with no digit at all (`0x_`), on which
+# ruamel.yaml crashes, stays a string.
+_STR = "tag:yaml.org,2002:str"
+_BOOL_TAG, _INT_TAG, _FLOAT_TAG = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_12 = re.compile(
+    r"""^(?:[-+]?0b_*[01][01_]*
+    |[-+]?0o_*[0-7][0-7_]*
+    |[-+]?0x_*[0-9a-fA-F][0-9a-fA-F_]*
+    |[-+]?[0-9][0-9_]*
+    |[-+]_+[0-9][0-9_]*)$""",
+    re.X,
+)
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\._*[0-9][0-9_]*(?:[eE][-+][0-9]+)?  # ruamel: .5e-3 is a float, .5e3 a string
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_RESOLVERS_12 = [
+    (_BOOL_TAG, _BOOL_12, list("tTfF")),
+    (_INT_TAG, _INT_12, list("-+0123456789")),
+    (_FLOAT_TAG, _FLOAT_12, list("-+0123456789.")),
+]
+
+
+def _resolvers(base: Dict[Any, list], drop: tuple) -> Dict[Any, list]:
+    """`base`'s implicit resolvers (first character -> [(tag, regexp)]) less the tags in `drop`."""
+    kept = {first: [(tag, rx) for tag, rx in pairs if tag not in drop] for first, pairs in base.items()}
+    return {first: pairs for first, pairs in kept.items() if pairs}
+
+
+def _construct_int(loader: yaml.SafeLoader, node: ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)  # no octal without `o`: 017 is 17
+    if base != 10:
+        digits = digits[2:] or "0"
+    return sign * int(digits, base)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: ScalarNode) -> float:
+    text = str(loader.construct_scalar(node)).replace("_", "").lower()
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    if body == ".inf":
+        return sign * math.inf
+    if body == ".nan":
+        return math.nan
+    return float(text)
+
+
+def _python_number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+_LimitedLoader.yaml_implicit_resolvers = _resolvers(
+    yaml.SafeLoader.yaml_implicit_resolvers, (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)
+)
+for _tag, _regexp, _first in _RESOLVERS_12:
+    _LimitedLoader.add_implicit_resolver(_tag, _regexp, _first)
+_LimitedLoader.add_constructor(_INT_TAG, _construct_int)
+_LimitedLoader.add_constructor(_FLOAT_TAG, _construct_float)
+
+
+class _SafeDumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 or 1.2 would read as something else (`yes`, `0o17`, `1e-4`).
+
+    What the harness writes (a trial's config, OUTPUT/config.yaml) is read back by this module (1.2) and by
+    users' tools (often PyYAML, 1.1): a string must stay a string under both.
+    """
+
+
+for _tag, _regexp, _first in _RESOLVERS_12:
+    _SafeDumper.add_implicit_resolver(_tag, _regexp, _first)
+
+
+def dump_yaml(data: Any, stream: TextIO) -> None:
+    """Write `data` as YAML that reads back the same under YAML 1.2 (this module) and 1.1 (PyYAML)."""
+    yaml.dump(data, stream, Dumper=_SafeDumper, sort_keys=False, allow_unicode=True)

@@ -232,3 +232,28 @@ def test_missing_model_directory_exit_status(tmp_path):
         proc.stderr.strip()
         == f"harness: error: model definition directory {tmp_path / 'missing'} does not exist"
     )
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_multi_line_error_in_user_code_is_one_line_naming_the_file(launcher, model_dir, tmp_path):
+    """As PEDL's multi-output example on NumPy >= 1.24 (`np.int`): the error comes from a dataset while
+    batches are drawn, and NumPy's message spans several lines."""
+    data = GOOD_DATA.replace(
+        "    return harness.DataLoader(train,",
+        "    class Old(torch.utils.data.Dataset):\n"
+        "        def __len__(self):\n"
+        "            return 300\n\n"
+        "        def __getitem__(self, i):\n"
+        "            raise AttributeError('no attribute int.\\n`np.int` was an alias.\\n  see the notes')\n\n"
+        "    train = Old()\n"
+        "    return harness.DataLoader(train,",
+    )
+    write_model_def(model_dir, data=data)
+    proc, _ = launch(launcher, 2, model_dir, tmp_path / "out", timeout=60)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "harness: error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "AttributeError: no attribute int. `np.int` was an alias. see the notes" in errors[0]
+    assert f"(at {os.path.abspath(model_dir)}/data.py:" in errors[0] and "in __getitem__)" in errors[0]
+    assert "see the notes" not in proc.stderr.replace(errors[0], "")
+    assert_no_rank_traceback(proc.stderr)

@@ -44,6 +44,31 @@ def test_pedl_full_dataset_sample(launcher, tmp_path):
     assert "harness: warning:" not in proc.stderr
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_pedl_v010_and_v011_layouts_sample(launcher, tmp_path):
+    """PEDL v0.10's __init__.py entry point with const.yaml, v0.11's entrypoints: section with the other
+    config; 3-argument data functions; learning rates written 5e-3 and 1e-4 (YAML 1.2 floats)."""
+    sample = os.path.join(SAMPLES, "pedl_v010")
+    env = {"HARNESS_DATA_DIR": str(tmp_path / "data")}
+    proc, _ = launch(launcher, 2, sample, tmp_path / "v010", timeout=120, env=env)
+    assert_ok(proc)
+    assert "harness: warning:" not in proc.stderr
+    v010 = reports(tmp_path / "v010", "validation")[-1]["metrics"]
+    assert set(v010) == {"validation_error", "validation_loss"}  # __init__.py chose the single-output trial
+    assert v010["validation_error"] < 0.2
+    multi = os.path.join(sample, "const-multi-output.yaml")
+    proc, _ = launch(launcher, 2, sample, tmp_path / "v011", "--config", multi, timeout=120, env=env)
+    assert_ok(proc)
+    v011 = reports(tmp_path / "v011", "validation")[-1]["metrics"]
+    assert set(v011) == {"validation_error", "high_error", "validation_loss"}  # entrypoints: named both
+    assert v011["validation_error"] < 0.2 and v011["high_error"] < 0.2
+    # download_data(config, hparams, download_data_dir) filled one directory per data section, once
+    folders = sorted(os.listdir(tmp_path / "data"))
+    assert len(folders) == 2 and all(f.startswith("pedl_v010-") for f in folders)
+    for folder in folders:
+        assert os.listdir(tmp_path / "data" / folder) == ["digits.npz"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2, 3. evaluate_full_dataset: rank 0 alone, on the complete validation set.
 

@@ -232,9 +232,11 @@ def test_utf8_with_bom_and_non_ascii_loads(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "samples", "*", "*.yaml"))))
-def test_sample_configs_load_as_with_safe_load(path):
+def test_sample_configs_load_as_pedl_and_determined_read_them(path):
+    from ruamel.yaml import YAML  # YAML 1.2, what PEDL's and Determined's tools read configs with
+
     with open(path) as f:
-        assert load_yaml_file(path) == yaml.safe_load(f)
+        assert load_yaml_file(path) == YAML(typ="safe", pure=True).load(f)
     raw = load_yaml_file(path)
     if raw.get("searcher", {}).get("name", "single") != "single":
         parse_search(raw, path)  # a search config (harness search)

@@ -324,6 +324,24 @@ def test_batch_size_none_is_an_error(shard, which):
         shard(tud.DataLoader(IndexDataset(10), batch_size=None))
 
 
+@pytest.mark.parametrize("shard,which", SHARDERS)
+def test_custom_batch_sampler_says_what_to_change(shard, which):
+    class Windows:  # as randomNAS's data.py: contiguous index windows of varying length
+        def __iter__(self):
+            yield from ([0, 1, 2], [3, 4], [5, 6, 7, 8])
+
+        def __len__(self):
+            return 3
+
+    with pytest.raises(HarnessError) as e:
+        shard(tud.DataLoader(IndexDataset(10), batch_sampler=Windows()))
+    message = str(e.value)
+    assert f"the {which} loader has a custom batch_sampler (Windows)" in message
+    assert "shards the records across ranks and batches each rank's share itself" in message
+    assert "return DataLoader(dataset, batch_size=N) without batch_sampler" in message
+    assert "\n" not in message
+
+
 # shard_validation_loader
 
 
