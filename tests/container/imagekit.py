@@ -125,6 +125,12 @@ def image_config(image):
     return json.loads(_inspect(image, "{{json .Config}}"))
 
 
+# buildah's chroot isolation copies its runtime into a sealed memfd before it runs anything; the seal fails
+# now and then with EBUSY (seen once in a full `make test`, under load; the rerun passed). The command itself
+# never ran, so running it again is safe.
+BUILDAH_SETUP_FAILURE = "sealing memfd copy: Device or resource busy"
+
+
 def run_in_image(image, *command, env=None, mounts=(), user=None, hostname=None, timeout=300):
     """Run a command in a fresh container of the image; returns the CompletedProcess (stdout+stderr)."""
     env = env or {}
@@ -149,7 +155,10 @@ def run_in_image(image, *command, env=None, mounts=(), user=None, hostname=None,
         cmd += [a for k, v in env.items() for a in ("--env", f"{k}={v}")]
         cmd += [a for m in mounts for a in ("-v", m)]
         cmd += [name, "--", *command]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 and BUILDAH_SETUP_FAILURE in proc.stderr:  # before the command ran: again
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return proc
     finally:
         subprocess.run(["buildah", "rm", name], capture_output=True)
 
