@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from harness import config as config_mod  # noqa: E402
-from harness import definition, distributed, loop  # noqa: E402
+from harness import definition, distributed  # noqa: E402
+from harness.train import loop  # noqa: E402
 
 PROBE = common.PROBE
 

@@ -63,10 +63,11 @@ def run(argv: List[str]) -> float:
 def per_trial(out: str) -> Dict[str, float]:
     """Medians over the trials of a search's output."""
     sys.path.insert(0, ROOT)
-    from harness import search_study, search_tools
-    from harness.report import read_metrics
+    from harness.output.reports import read_reports as read_metrics
+    from harness.search import results as search_results
+    from harness.search import study as search_study
 
-    info = search_tools._info(out)
+    info = search_results._info(out)
     study = search_study.load(info["storage"], info["study"])
     first, last, claim, walls = [], [], [], []
     for t in study.get_trials(deepcopy=False):

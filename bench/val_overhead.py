@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads"))
 import common  # noqa: E402
 
-from harness import adapters as hadapters  # noqa: E402
-from harness import data as hdata  # noqa: E402
 from harness import definition  # noqa: E402
-from harness import metrics as hmetrics  # noqa: E402
 from harness.distributed import Local  # noqa: E402
+from harness.train import adapters as hadapters  # noqa: E402
+from harness.train import metrics as hmetrics  # noqa: E402
+from harness.train import sharding as hdata  # noqa: E402
 
 
 def one_workload(workload: str, pairs: int) -> dict:

@@ -8,17 +8,17 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DataLoader": "harness.data",
+    "DataLoader": "harness.api.data",
     "HarnessError": "harness.errors",
-    "LRScheduler": "harness.lr_scheduler",
-    "PyTorchTrial": "harness.trial",
-    "get_data_config": "harness.trial",
-    "get_download_data_dir": "harness.trial",
-    "get_experiment_config": "harness.trial",
-    "get_hyperparameter": "harness.trial",
-    "get_hyperparameters": "harness.trial",
-    "get_trial_seed": "harness.trial",
-    "load_trial": "harness.evaluate",
+    "LRScheduler": "harness.api.lr_scheduler",
+    "PyTorchTrial": "harness.api.trial",
+    "get_data_config": "harness.api.trial",
+    "get_download_data_dir": "harness.api.trial",
+    "get_experiment_config": "harness.api.trial",
+    "get_hyperparameter": "harness.api.trial",
+    "get_hyperparameters": "harness.api.trial",
+    "get_trial_seed": "harness.api.trial",
+    "load_trial": "harness.results.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,16 +11,19 @@ import time
 import traceback
 from typing import Callable, List, Optional
 
-from harness import jobstate
+from harness.arguments import parse_args, parse_model_use_args
 from harness.errors import HarnessError, Interrupted, PeerFailure, describe, say
-from harness.options import parse_args, parse_model_use_args
-from harness.outputlock import LockRefused, OutputLock
+from harness.output import jobstate
+from harness.output.lock import LockRefused, OutputLock
 
 
 def run(args: argparse.Namespace) -> int:
     # Imports here so that `harness --help` is instant and argument errors need no torch.
     from harness import config as config_mod
-    from harness import definition, distributed, loop, optimizations, watchdog
+    from harness import definition, distributed
+    from harness.config import optimizations
+    from harness.distributed import watchdog
+    from harness.train import loop
 
     model_dir = args.model_def
     if not os.path.exists(model_dir):
@@ -68,8 +71,7 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
     wait a moment first so that the job shows one line, not N. An error that is a consequence of another
     rank's death (a broken collective) waits too, so the root cause is what the user sees.
     """
-    from harness import preemption, watchdog
-    from harness.distributed import env_rank
+    from harness.distributed import env_rank, preemption, watchdog
 
     watchdog.current().disarm()  # this process ends now; waiting below is not a stall
     rank = env_rank()
@@ -100,21 +102,21 @@ SUBCOMMANDS = ("launch", "search", "plot", "summary", "evaluate", "export")
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("evaluate", "export"):  # on every rank like training, with its one-line errors
-        from harness import evaluate
+        from harness.results import evaluate
 
         ev_args = parse_model_use_args(argv)
         return _guarded(lambda: evaluate.run(ev_args, _fail), ev_args.model_dir, None)
     if argv and argv[0] in SUBCOMMANDS:
         try:
             if argv[0] == "launch":
-                from harness import launch
+                from harness.launch import launcher as launch
 
                 return launch.launch(argv[1:])
             if argv[0] == "search":
-                from harness import search
+                from harness.search import command as search
 
                 return search.main(argv[1:])
-            from harness import tools
+            from harness.results import summary as tools
 
             return tools.main(argv)
         except HarnessError as e:
@@ -128,7 +130,7 @@ def _disarmed_on_error(command: Callable[[], int]) -> int:
     """The stall watchdog stops as soon as an error leaves the command: formatting and reporting it (reading
     source lines for the user's frame, on a loaded machine) is not a stall of this rank (seen: rank 0's own
     "stuck in open() at tokenize.py" line after rank 1's stall had broken its collective)."""
-    from harness import watchdog
+    from harness.distributed import watchdog
 
     try:
         return command()

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Type
 
-from harness.adapters import api_of
+from harness.api.trial import PyTorchTrial
 from harness.errors import HarnessError, describe
-from harness.trial import PyTorchTrial
+from harness.train.adapters import api_of
 
 if TYPE_CHECKING:
     from harness.config import EntrypointsConfig, ExperimentConfig
@@ -225,7 +225,7 @@ def load_for(model_def: str, config: ExperimentConfig) -> ModelDefinition:
 
     PEDL v0.10's ``__init__.py`` read the data config while it was imported (``pedl.get_data_config()``).
     """
-    from harness import trial as trial_api
+    from harness.api import trial as trial_api
 
     trial_api._set_context(config.hyperparameters, None, config.as_dict())
     return load(model_def, config.entrypoint, config.entrypoints)

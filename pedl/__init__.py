@@ -6,8 +6,7 @@ with that list, at import or at first use, instead of an ImportError deep in a t
 
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.trial import (
+from harness.api.trial import (
     get_data_config,
     get_download_data_dir,
     get_experiment_config,
@@ -15,6 +14,7 @@ from harness.trial import (
     get_hyperparameters,
     get_trial_seed,
 )
+from harness.errors import HarnessError
 
 # Every name of the `pedl` package this harness provides, by module.
 SUPPORTED = {

@@ -19,7 +19,7 @@ from functools import cache
 import pytest
 import yaml
 
-from harness.options import parse_args
+from harness.arguments import parse_args
 
 REASON = "kubernetes-validate (Kubernetes' JSON schemas, with jsonschema) is not installed: the `test` extra"
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason=REASON)

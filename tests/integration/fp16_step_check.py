@@ -9,8 +9,8 @@ rank must skip exactly those optimizer steps and keep identical weights; unscali
 import horovod.torch as hvd
 import torch
 
-from harness.optimizations import TrainingOptions
-from harness.optimizer_step import OptimizerStep
+from harness.config.optimizations import TrainingOptions
+from harness.train.optimizer_step import OptimizerStep
 
 K = 2  # aggregation window: the inf enters in the first batch of a window, the synchronize is at its end
 POISONED = {3, 10}  # batches (1-based) where rank 1's loss is infinite: windows 2 and 5 are skipped

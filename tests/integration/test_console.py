@@ -10,6 +10,7 @@ from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 from test_launchers import BIN, command
 
 TAG = re.compile(r"^\[\d+(,\d+)?\]<(stdout|stderr)>:")  # horovodrun's per-rank tags
+THROUGHPUT = re.compile(r"  \([\d,]+ samples/s(, ETA \w+)?\)$")
 
 
 def run(argv, timeout=180):
@@ -26,6 +27,7 @@ def normalized(stdout, output):
         assert not re.search(r"\[\d+(,\d+)?\]<std(out|err)>:", TAG.sub("", line)), f"a stray tag: {line!r}"
         line = TAG.sub("", line)
         assert line.strip(), f"an empty line in {stdout!r}"
+        line = THROUGHPUT.sub("", line)  # measured, so it differs from run to run
         lines.append(line.replace("(mpi)", "(CTRL)").replace("(gloo)", "(CTRL)").replace(str(output), "OUT"))
     return lines
 

@@ -192,7 +192,7 @@ def test_second_run_on_the_same_output_is_refused(model_dir, tmp_path):
     assert first.returncode == 0, stdout[-2000:] + stderr[-2000:]
     lines = [line for line in stdout.splitlines() if "stopped by SIGTERM at batch" in line]
     assert lines, stdout[-2000:]
-    from harness import checkpoint
+    from harness.output import checkpoint
 
     assert checkpoint.verify(lines[0].split("checkpoint: ")[1].strip()) is None
     assert_job_gone(output, pids)

@@ -207,7 +207,7 @@ def test_sigterm_checkpoints_and_exits_zero(how, model_dir, tmp_path):
     lines = [line for line in stdout.splitlines() if "stopped by SIGTERM at batch" in line]
     assert lines, stdout[-2000:]
     path = lines[0].split("checkpoint: ")[1].strip()
-    from harness import checkpoint
+    from harness.output import checkpoint
 
     assert checkpoint.verify(path) is None
     assert json.load(open(os.path.join(path, "state.json")))["progress"]["batches"] == int(
@@ -245,7 +245,7 @@ def test_sigterm_during_validation_abandons_it(launcher, model_dir, tmp_path):
         or "stopped by a stop request on another rank at batch 5;" in stdout
     )
     assert [e for e in reports(output, "validation") if e["batches"] == 5] == []  # abandoned, not reported
-    from harness import checkpoint
+    from harness.output import checkpoint
 
     assert checkpoint.checkpoint_dirs(str(output / "checkpoints"))[0] == 5
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import GOOD_DATA, write_model_def
 from test_search import SEARCH_MODEL, random_config, start_search
 
-from harness.search_study import OWNER, storage_url
+from harness.search.study import OWNER, storage_url
 
 
 def _pg_bin(name):

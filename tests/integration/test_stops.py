@@ -11,7 +11,7 @@ from conftest import write_model_def
 from test_launchers import BIN, command, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, sigterm_when_marked, start_and_wait_for_training
 
-from harness import checkpoint
+from harness.output import checkpoint
 
 LONG = RESUME_CONFIG.replace("{batches: 30}", "{batches: 3000}")
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 
-from harness import checkpoint, config, definition, distributed, loop, tools
+from harness import config, definition, distributed
 from harness.errors import HarnessError
+from harness.output import checkpoint
+from harness.results import summary as tools
+from harness.train import loop
 
 CONFIG = GOOD_CONFIG.replace(
     "{batches: 6}", "{batches: 6}\n  metric: accuracy\n  smaller_is_better: false"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from harness.config import load_config
+from harness.config.yaml12 import MAX_BYTES, MAX_DEPTH, load_yaml_file
 from harness.errors import HarnessError
-from harness.search_space import parse_search
-from harness.yaml_load import MAX_BYTES, MAX_DEPTH, load_yaml_file
+from harness.search.space import parse_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -242,6 +242,14 @@ def test_sample_configs_load_as_pedl_and_determined_read_them(path):
         parse_search(raw, path)  # a search config (harness search)
     else:
         load_config(path)
+
+
+def test_explicit_key_syntax_loads(tmp_path):
+    # `? key` / `: value`: PyYAML's scanner calls its own check_key(); the loader's duplicate-key check
+    # once shadowed it and crashed with a TypeError
+    path = write(tmp_path, "description: ok\n? name\n: explicit\n")
+    assert load_config(path).name == "explicit"
+    assert "duplicate key 'name'" in refused(write(tmp_path, "? name\n: a\nname: b\n"))
 
 
 def test_pedl_const_yaml_loads(tmp_path):

@@ -8,16 +8,9 @@ import torch
 import torch.utils.data as tud
 
 import harness
-from harness.data import (
-    ShardSampler,
-    batch_records,
-    batch_to_device,
-    shard_training_loader,
-    shard_validation_loader,
-    split_batch,
-    to_device,
-)
 from harness.errors import HarnessError
+from harness.train.batches import batch_records, batch_to_device, split_batch, to_device
+from harness.train.sharding import ShardSampler, shard_training_loader, shard_validation_loader
 
 CPU = torch.device("cpu")
 Pair = collections.namedtuple("Pair", ["image", "mask"])

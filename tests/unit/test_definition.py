@@ -6,8 +6,9 @@ import os
 import pytest
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, SAMPLES, write_model_def
 
-from harness import config, definition, distributed, loop
+from harness import config, definition, distributed
 from harness.errors import HarnessError
+from harness.train import loop
 
 
 def train_local(directory, output):

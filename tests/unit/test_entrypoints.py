@@ -11,8 +11,10 @@ import shutil
 import pytest
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, SAMPLES, write_model_def
 
-from harness import building, config, definition, distributed, loop
+from harness import config, definition, distributed
 from harness.errors import HarnessError
+from harness.train import data as train_data
+from harness.train import loop
 
 # A second trial class and a second loader function, in their own modules.
 OTHER_MODEL = GOOD_MODEL_DEF.replace("class Trial(", "class OtherTrial(")
@@ -232,7 +234,7 @@ def test_three_argument_data_functions(model_dir, tmp_path, monkeypatch, returne
     assert model_def.loaders_take_dir and model_def.download_takes_dir
     loop.train(model_def, cfg, str(tmp_path / "out"), distributed.Local())
     calls = __import__("data").CALLS
-    directory = building.machine_data_dir(str(model_dir), cfg.as_dict())
+    directory = train_data.machine_data_dir(str(model_dir), cfg.as_dict())
     assert os.path.dirname(directory) == str(tmp_path / "machine")
     assert calls == [("download", directory), ("loaders", directory)]
     assert sorted(os.listdir(directory)) == ["x.npy", "y.npy"]
@@ -240,10 +242,10 @@ def test_three_argument_data_functions(model_dir, tmp_path, monkeypatch, returne
 
 def test_machine_data_dir_differs_by_definition_and_data_section(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "machine"))
-    one = building.machine_data_dir(str(model_dir), {"data": {"url": "a"}})
-    assert one == building.machine_data_dir(str(model_dir), {"data": {"url": "a"}})  # kept between runs
-    assert one != building.machine_data_dir(str(model_dir), {"data": {"url": "b"}})
-    assert one != building.machine_data_dir(str(tmp_path / "other"), {"data": {"url": "a"}})
+    one = train_data.machine_data_dir(str(model_dir), {"data": {"url": "a"}})
+    assert one == train_data.machine_data_dir(str(model_dir), {"data": {"url": "a"}})  # kept between runs
+    assert one != train_data.machine_data_dir(str(model_dir), {"data": {"url": "b"}})
+    assert one != train_data.machine_data_dir(str(tmp_path / "other"), {"data": {"url": "a"}})
     assert os.path.basename(one).startswith("model-")
 
 
@@ -334,8 +336,9 @@ def test_a_checkpoint_is_used_with_the_entry_points_it_was_trained_with(tmp_path
     assert type(trial).__name__ == "MultiDigitsTrial"
     plain = tmp_path / "plain.yaml"  # the same training, without entrypoints: const.yaml's __init__ form
     plain.write_text((sample / "const-multi-output.yaml").read_text().split("entrypoints:")[0] + "data: {}\n")
-    from harness import evaluate
+    from harness.output import checkpoint
+    from harness.results import evaluate
 
-    cfg_now, _ = evaluate.effective_config(str(sample), str(plain), ckpt, evaluate.read_state(ckpt))
+    cfg_now, _ = evaluate.effective_config(str(sample), str(plain), ckpt, checkpoint.read_state(ckpt))
     assert cfg_now.entrypoints.trial_class == "model_def_multi_output:MultiDigitsTrial"
     assert cfg_now.entrypoints.data_loaders_function == "data:make_multi_data_loaders"

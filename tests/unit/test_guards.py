@@ -11,8 +11,12 @@ import pytest
 import torch
 from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 
-from harness import checkpoint, config, definition, distributed, loop, outputlock, resume, watchdog
+from harness import config, definition, distributed
+from harness.distributed import watchdog
 from harness.errors import HarnessError
+from harness.output import checkpoint
+from harness.output import lock as outputlock
+from harness.train import loop, resume
 
 
 def train_local(directory, output):
@@ -75,7 +79,7 @@ def test_check_config_keeps_a_drawn_seed_and_ignores_cluster_keys():
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from harness.outputlock import OutputLock; "
+        [sys.executable, "-c", "import sys, time; from harness.output.lock import OutputLock; "
          f"OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

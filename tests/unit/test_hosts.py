@@ -7,8 +7,11 @@ import stat
 
 import pytest
 
-from harness import building, hosts, jobstate, launch
 from harness.errors import HarnessError
+from harness.launch import hosts
+from harness.launch import launcher as launch
+from harness.output import jobstate
+from harness.train import data as train_data
 
 
 def test_host_lines_in_horovod_and_open_mpi_forms():
@@ -73,20 +76,20 @@ def test_launcher_options_for_other_machines():
 # (local rank, local size, cross rank, hostname) of each rank
 def test_machines_by_cross_rank_when_every_machine_runs_as_many_ranks():
     same_name = [(0, 2, 0, "node"), (1, 2, 0, "node"), (0, 2, 1, "node"), (1, 2, 1, "node")]
-    assert building.machines(same_name) == [0, 0, 1, 1]
+    assert train_data.machines(same_name) == [0, 0, 1, 1]
     round_robin = [(0, 2, 0, "node"), (0, 2, 1, "node"), (1, 2, 0, "node"), (1, 2, 1, "node")]
-    assert building.machines(round_robin) == [0, 1, 0, 1]  # mpirun --map-by node
+    assert train_data.machines(round_robin) == [0, 1, 0, 1]  # mpirun --map-by node
 
 
 def test_machines_by_blocks_when_machines_differ_in_size():
     # b:1 before a:2 -- cross ranks would put rank 2 (a's local rank 1) with rank 0 (b)
     ranks = [(0, 1, 0, "node"), (0, 2, 1, "node"), (1, 2, 0, "node")]
-    assert building.machines(ranks) == [0, 1, 1]
+    assert train_data.machines(ranks) == [0, 1, 1]
 
 
 def test_machines_fall_back_to_hostnames_only_when_neither_fits():
     scattered = [(0, 2, 0, "a"), (0, 1, 1, "b"), (1, 2, 0, "a")]
-    assert building.machines(scattered) == ["a", "b", "a"]
+    assert train_data.machines(scattered) == ["a", "b", "a"]
 
 
 def register(state, rank, pid, host, pid_space):

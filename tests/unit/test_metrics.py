@@ -11,8 +11,8 @@ import torch
 
 from harness.distributed import Local
 from harness.errors import HarnessError
-from harness.metrics import MetricAccumulator, first_nonfinite
-from harness.report import Reporter
+from harness.train.metrics import MetricAccumulator, first_nonfinite
+from harness.train.report import Reporter
 
 CPU = torch.device("cpu")
 

@@ -10,9 +10,12 @@ import torch
 from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 
 import harness
-from harness import checkpoint, config, definition, distributed, evaluate, loop
+from harness import config, definition, distributed
 from harness.errors import HarnessError
-from harness.report import _fmt
+from harness.output import checkpoint
+from harness.results import evaluate
+from harness.train import loop
+from harness.train.report import _fmt
 
 BIN = os.path.dirname(sys.executable)
 # torch 2.13 deprecates TorchScript (torch.jit.load says so); exporting it is what is tested here.

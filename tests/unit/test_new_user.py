@@ -126,6 +126,7 @@ def test_console_numbers_line_up_and_the_config_keeps_unicode(tmp_path):
     assert proc.returncode == 0, proc.stderr
     reports = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     for line in reports:
-        values = line.split("epoch")[1].split()[2::2]  # "0.40  loss 2.2984  accuracy 0.1400": the values
+        metrics = line.split("  (")[0]  # without the throughput: "(1,571 samples/s, ETA 3s)"
+        values = metrics.split("epoch")[1].split()[2::2]  # "0.40  loss 2.2984  accuracy 0.1400": the values
         assert values and all(len(v.split(".")[1]) == 4 for v in values), line
     assert "description: Größe über alles" in (tmp_path / "out" / "config.yaml").read_text(encoding="utf-8")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import GOOD_CONFIG, write_model_def
 
+from harness.api.lr_scheduler import LRScheduler, StepMode
 from harness.config import parse_config
+from harness.config.optimizations import TrainingOptions, check_device, horovod_environment
 from harness.errors import HarnessError
-from harness.lr_scheduler import LRScheduler, StepMode
-from harness.optimizations import TrainingOptions, check_device, horovod_environment
-from harness.optimizer_step import OptimizerStep
+from harness.train.optimizer_step import OptimizerStep
 
 # --- the config -------------------------------------------------------------------------------------------
 

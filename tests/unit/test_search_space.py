@@ -5,8 +5,8 @@ import pytest
 
 from harness.config import parse_config
 from harness.errors import HarnessError
-from harness.search_space import parse_search
-from harness.search_trial import make_pruner, rungs
+from harness.search.space import parse_search
+from harness.search.trial import make_pruner, rungs
 
 BASE = {
     "hyperparameters": {
@@ -163,7 +163,7 @@ def test_rungs_and_pruners_follow_the_modes():
 def test_each_trial_samples_from_its_own_well_mixed_seed():
     """Neighbouring trial numbers must not draw neighbouring values (NumPy's seeding of neighbouring integers
     does: the reason for derived_seed)."""
-    from harness.search import derived_seed
+    from harness.search.command import derived_seed
 
     raw = with_searcher(name="random", max_trials=8)
     spec = parse_search(raw)
@@ -186,9 +186,9 @@ def test_a_trial_that_stopped_early_before_a_crash_is_recorded_without_training_
     import argparse
     import socket
 
-    from harness import search_study
-    from harness.search import Search
-    from harness.search_trial import STOPPED_EARLY
+    from harness.search import study as search_study
+    from harness.search.command import Search
+    from harness.search.trial import STOPPED_EARLY
 
     spec = parse_search(with_searcher(name="adaptive_asha", max_trials=1, mode="aggressive"))
     args = argparse.Namespace(output=str(tmp_path), storage=None, study=None, np=1, parallel=1, launcher=None,

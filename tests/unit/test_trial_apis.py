@@ -9,9 +9,11 @@ import torch
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 
 import harness
-from harness import adapters, checkpoint, config, definition, distributed, loop
+from harness import config, definition, distributed
+from harness.api.lr_scheduler import LRScheduler
 from harness.errors import HarnessError
-from harness.lr_scheduler import LRScheduler
+from harness.output import checkpoint
+from harness.train import adapters, loop
 
 # GOOD_MODEL_DEF's model in PEDL's later API, without batch_size(): the global batch is a hyperparameter.
 BATCH_API_DEF = """

@@ -1,7 +1,6 @@
 """The stop votes of harness.loop: spaced by the interval the ranks agree on, timed by the batches."""
 
-from harness import preemption
-from harness.distributed import Local
+from harness.distributed import Local, preemption
 
 
 class Recorder:
@@ -64,7 +63,7 @@ def test_one_process_votes_every_batch():
 
 def test_under_aggregation_a_vote_waits_for_the_end_of_the_window():
     from harness import distributed
-    from harness.preemption import StopVotes
+    from harness.distributed.preemption import StopVotes
 
     votes = StopVotes(distributed.Local(), 0)
     assert votes.start(0, True, window_end=False) is None  # due, but inside a window: postponed

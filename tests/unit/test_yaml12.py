@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness.config import load_config
-from harness.yaml_load import dump_yaml, load_yaml_file
+from harness.config.yaml12 import dump_yaml, load_yaml_file
 
 ruamel_yaml = pytest.importorskip("ruamel.yaml")
 

@@ -5,17 +5,18 @@ from typing import Any
 from torch import nn
 
 import pedl
-from harness.data import DataLoader
-from harness.lr_scheduler import LRScheduler
-from harness.trial import PyTorchTrial
+from harness.api.data import DataLoader
+from harness.api.lr_scheduler import LRScheduler
+from harness.api.trial import PyTorchTrial
 from pedl.frameworks.pytorch.data import TorchData
 
 
 def reset_parameters(model: nn.Module) -> None:
     """Re-initialise every submodule that has a ``reset_parameters`` method (as PEDL's helper did)."""
     for module in model.modules():
-        if module is not model and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if module is not model and callable(reset):
+            reset()
 
 
 def __getattr__(name: str) -> Any:

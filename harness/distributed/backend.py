@@ -1,0 +1,59 @@
+"""The collectives the harness needs from a distributed backend, as one typed interface.
+
+`Local` (one process) and `Horovod` implement it; a torch.distributed backend would be a third. The loop,
+the checkpoint code and the adapters see only this Protocol, so mypy checks every call against it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Tuple, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from harness.config.optimizations import TrainingOptions
+
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """Rank information and the collectives of one job: every rank makes every call, in the same order."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cross_rank: int
+    controller: str  # "none" (no launcher), "gloo" or "mpi"
+
+    def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over the ranks."""
+
+    def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum over the ranks."""
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """Every rank's `obj`, in rank order (a barrier: may wait long, e.g. for a download)."""
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank (a barrier too)."""
+
+    def wrap_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        options: Optional[TrainingOptions] = None,
+    ) -> torch.optim.Optimizer:
+        """The optimizer whose gradients are averaged over the ranks (aggregation, compression: `options`)."""
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights and buffers into every rank's model."""
+
+    def start_vote(self, stop: bool, interval: int) -> Any:
+        """Start agreeing whether any rank wants to stop, and on the batches until the next vote."""
+
+    def finish_vote(self, handle: Any) -> Tuple[bool, int]:
+        """(any rank wants to stop, the agreed interval): the same on every rank."""
+
+    def shutdown(self) -> None:
+        """End the backend (Horovod's background thread); the last call."""

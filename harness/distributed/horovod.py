@@ -1,0 +1,101 @@
+"""Horovod's collectives (Gloo or MPI controller); the MPI controller's barrier-like exchanges use mpi4py."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from harness.config.optimizations import TrainingOptions
+
+T = TypeVar("T")
+
+
+def _dumps(obj: Any) -> bytes:
+    # torch.save, not pickle: Horovod's cloudpickle path cannot unpickle tensors on torch >= 2.x storages.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    # Objects from our own ranks (RNG states, optimizer state, small dicts), never from files.
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+class Horovod:
+    """Horovod's collectives; the MPI controller's barrier-like exchanges go through mpi4py."""
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.cross_rank = hvd.cross_rank()
+        self.controller = "mpi" if hvd.mpi_enabled() else "gloo"
+        self._comm: Optional[Any] = None
+        if self.controller == "mpi":
+            from mpi4py import MPI  # MPI is initialised by Horovod; mpi4py attaches to it
+
+            self._comm = MPI.COMM_WORLD
+
+    def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t, op=self.hvd.Sum, name="harness.sum")
+
+    def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t, op=self.hvd.Min, name="harness.min")
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        # Under MPI this is a plain MPI collective outside Horovod's background thread, so a long wait
+        # (e.g. for a download on another rank) never trips Horovod's stall checks.
+        if self._comm is not None:
+            return [_loads(b) for b in self._comm.allgather(_dumps(obj))]
+        return [_loads(b) for b in self.hvd.allgather_object(_dumps(obj), name="harness.gather")]
+
+    def broadcast_object(self, obj: T) -> T:
+        if self._comm is not None:
+            return _loads(self._comm.bcast(_dumps(obj), root=0))
+        return _loads(self.hvd.broadcast_object(_dumps(obj), root_rank=0, name="harness.bcast"))
+
+    def wrap_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        options: Optional[TrainingOptions] = None,
+    ) -> torch.optim.Optimizer:
+        """hvd.DistributedOptimizer; with aggregation k it allreduces once every k backward passes
+        (OptimizerStep calls synchronize() at the end of each window), with compression in fp16."""
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            backward_passes_per_step=options.aggregation_frequency if options else 1,
+            compression=hvd.Compression.fp16
+            if options and options.gradient_compression
+            else hvd.Compression.none,
+        )
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        # Optimizer state is not broadcast with hvd.broadcast_optimizer_state: on a fresh optimizer that
+        # takes a dummy step (weight decay moves the weights, Adam's step count becomes 1), which would
+        # make np=1 and np=N differ. A fresh optimizer is the same everywhere; a resumed one is
+        # broadcast by the loop.
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    def start_vote(self, stop: bool, interval: int) -> Any:
+        """Start agreeing on "does any rank want to stop?" and on the batches until the next vote (each rank
+        proposes an interval); it overlaps with the batch's computation."""
+        vote = torch.tensor([int(stop), interval], dtype=torch.int64)  # integers: every rank sums alike
+        return self.hvd.allreduce_async(vote, op=self.hvd.Sum, name="harness.vote")
+
+    def finish_vote(self, handle: Any) -> Tuple[bool, int]:
+        """(any rank wants to stop, the mean proposed interval): the same on every rank."""
+        stops, intervals = self.hvd.synchronize(handle).tolist()
+        return stops > 0, max(1, intervals // self.size)
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()

@@ -1,0 +1,295 @@
+"""`harness launch`: run the job under a launcher, restart it from the newest checkpoint after a failure, and
+pass SIGTERM / Ctrl-C on to the ranks (which checkpoint at a batch they agree on)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from harness.arguments import parse_args
+from harness.errors import HarnessError
+from harness.launch import hosts
+from harness.launch.output import ENDING_GRACE_SECONDS, Output
+from harness.output import jobstate
+from harness.output.lock import HOLDER_ENV, OutputLock
+
+
+def _launch_command(
+    launcher: Optional[str], where: hosts.Placement, reach: List[str], harness_args: List[str]
+) -> List[str]:
+    harness = [sys.executable, "-m", "harness", *harness_args]
+    if launcher is None and where.np == 1 and not where.hosts:
+        return harness  # one process on this machine needs no launcher (3 s less start-up)
+    launcher = launcher or "horovodrun"
+    on = where.hosts or f"localhost:{where.np}"
+    if launcher == "mpirun":
+        root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        passed = [x for v in ("PATH", "PYTHONPATH") if v in os.environ for x in ("-x", v)]
+        passed += ["-x", HOLDER_ENV]  # set for the ranks in harness launch's environment
+        return ["mpirun", *root, "-np", str(where.np), "-H", on, *reach, *passed, *harness]
+    flag = {"gloo": ["--gloo"], "mpi": ["--mpi"], "horovodrun": []}[launcher]
+    horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    return [horovodrun, *flag, "-np", str(where.np), "-H", on, *reach, *harness]
+
+
+def _root_cause(
+    state: str, failures: List[Dict[str, Any]], rc: int, exits: Dict[int, str], killed_here: bool = False
+) -> str:
+    """What ended the job: a rank's own error first; else a rank that died without a word (killed: its
+    pid is registered but it left no error), before the errors the others got from its absence. Ranks
+    that harness launch killed itself (`killed_here`, after a lost machine) are not among the silent."""
+    own = [f for f in failures if not f.get("consequential")]
+    if own:
+        return f"[rank {own[0]['rank']}] {own[0]['message']}" if own[0].get("rank") else own[0]["message"]
+    reported = {f.get("rank") for f in failures}
+    registered = jobstate.ranks(state)
+    if killed_here:
+        reported |= set(jobstate.ranks_here(state))
+    silent = sorted(r for r in registered if r not in reported)
+    if not silent:
+        return (
+            failures[0]["message"]
+            if failures
+            else f"the launcher exited with status {rc} before any rank started"
+        )
+    after = f"; then: {failures[0]['message'].split('. ')[0]}" if failures else ""
+    host_of = {r: registered[r].get("host", "?") for r in registered}
+    lost = [
+        h for h in dict.fromkeys(host_of.values()) if all(r in silent for r in host_of if host_of[r] == h)
+    ]
+    if len(set(host_of.values())) > 1 and lost:  # every rank of a machine went at once: the machine is gone
+        gone = [r for r in silent if host_of[r] in lost]
+        return (
+            f"lost {', '.join(lost)}: {_ranks(gone, registered, where=False)} died without an error of their "
+            f"own (the machine, its network or its ssh connection went away?){after}"
+        )
+    known = [f"{_ranks([r], registered)} {exits[r]}" for r in silent if r in exits]
+    if known:
+        return f"{', '.join(known)}, without an error of its own{after}"
+    return (
+        f"{_ranks(silent, registered)} died without an error of its own (killed by a signal: SIGKILL, the "
+        f"out-of-memory killer, a crash?){after}"
+    )
+
+
+def _ranks(which: List[int], registered: Dict[int, Dict[str, Any]], where: bool = True) -> str:
+    """`rank 2 (pid 4242), rank 3 (pid 4243) on hostb`: the machine is named where there are several."""
+    said = ", ".join(f"rank {r} (pid {registered[r].get('pid')})" for r in which)
+    on = {registered[r].get("host") for r in which}
+    if where and len(on) == 1 and len({v.get("host") for v in registered.values()}) > 1:
+        said += f" on {on.pop()}"
+    return said
+
+
+def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = takes_value
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def _config_for_ranks(harness_args: List[str], config: Optional[str], output: str) -> List[str]:
+    """`--config <(...)` (a pipe) can be read once, here: the ranks get a copy in OUTPUT."""
+    if not config or os.path.isfile(config) or not os.path.exists(config):
+        return harness_args
+    with open(config, "rb") as f:
+        data = f.read()
+    os.makedirs(output, exist_ok=True)
+    copy = os.path.join(output, "launch-config.yaml")
+    with open(copy, "wb") as f:
+        f.write(data)
+    return _without(harness_args, "--config", True) + ["--config", copy]
+
+
+class _Job:
+    """One attempt at a time under its launcher, and the signals that stop it."""
+
+    def __init__(self, state: str, env: Dict[str, str]):
+        self.state, self.env = state, env
+        self.proc: Optional[subprocess.Popen] = None
+        self.terminating: List[int] = []
+        self.ended_here = False  # this attempt's ranks on this machine were killed here (_end_if_failing)
+        self.failing_since: Optional[float] = None  # when this attempt was first seen to fail
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a second Ctrl-C: abort now
+            jobstate.signal_ranks(self.state, signal.SIGKILL)
+            print("harness launch: aborted (second Ctrl-C)", flush=True)
+            os._exit(130)
+        self.terminating.append(signum)
+        # The ranks checkpoint at a batch they agree on (SIGTERM to each: the launcher would kill them).
+        # Ranks on other machines stop with them: stopping is voted on by every rank.
+        if not jobstate.signal_ranks(self.state, signal.SIGTERM) and self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # no rank running here: stop the launcher
+
+    def run(self, command: List[str]) -> Tuple[int, Dict[int, str]]:
+        """Run the launcher to its end; returns its status and how each rank ended, as it said."""
+        print(f"harness launch: {' '.join(command)}", flush=True)
+        proc = self.proc = subprocess.Popen(
+            command, env=self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        output = Output(proc)
+        deadline = None
+        self.ended_here, self.failing_since = False, None
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if self.terminating and deadline is None:
+                    deadline = time.monotonic() + 60
+                if deadline is not None and time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if not self.terminating and not self.ended_here:
+                    self._end_if_failing(proc, output)
+        output.join()
+        return rc, output.exits
+
+    def _end_if_failing(self, proc: subprocess.Popen, output: Output) -> None:
+        """A machine is lost or a rank has failed, and the launcher has not ended the job within
+        ENDING_GRACE_SECONDS: the ranks left wait for the lost ones in collectives that never end, and
+        nothing can be saved (a checkpoint needs every rank). End it here. (Timed by this machine's clock
+        from when it was seen here: another machine's clock may differ.)"""
+        failed = jobstate.failures(self.state)
+        if self.failing_since is None and (output.lost or failed):
+            self.failing_since = time.monotonic()
+        if self.failing_since is None or time.monotonic() < self.failing_since + ENDING_GRACE_SECONDS:
+            return
+        if output.lost:
+            why = f"{output.lost} is gone"
+        else:
+            rank = failed[0]["rank"]
+            why = f"the launcher did not end the job {ENDING_GRACE_SECONDS:.0f} s after rank {rank} failed"
+        print(f"harness launch: {why}; ending the job", flush=True)
+        self.ended_here = True
+        jobstate.signal_ranks(self.state, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep before a restart; False if a signal asked to stop meanwhile."""
+        print(
+            f"harness launch: waiting {seconds:.0f} s (no rank started: is a host unreachable?)", flush=True
+        )
+        until = time.monotonic() + seconds
+        while not self.terminating and time.monotonic() < until:
+            time.sleep(0.2)
+        return not self.terminating
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness launch",
+        usage="harness launch [-np N] [-H HOSTS | --hostfile F | --host-discovery-script S] [--launcher L] "
+        "[--max-restarts N] MODEL_DIR [options]",
+        description="Run the job under a launcher and restart it from the newest checkpoint after a failure "
+        "(at most max_restarts times; bad input, exit status 2, is not retried). SIGTERM is passed on to the "
+        "ranks, which checkpoint and exit 0.",
+    )
+    p.add_argument("-np", type=int, help="number of ranks (default: every slot of the hosts, or 1)")
+    p.add_argument("-H", dest="hosts", help="hosts, e.g. a:4,b:4 (default localhost:NP)")
+    p.add_argument("--hostfile", help="a file of hosts, one per line: 'host:slots' or 'host slots=N'")
+    p.add_argument(
+        "--host-discovery-script",
+        help="a program that prints the live hosts ('host:slots' lines), asked before every attempt: a "
+        "restart runs on the hosts that remain (at most -np ranks)",
+    )
+    p.add_argument("--ssh-port", type=int, help="the other machines' sshd port (default 22)")
+    p.add_argument("--network-interface", help="the interface the machines share, e.g. eth0")
+    p.add_argument(
+        "--launcher",
+        choices=["horovodrun", "gloo", "mpi", "mpirun"],
+        help="default horovodrun; with -np 1 and no -H, the one process runs without a launcher",
+    )
+    p.add_argument("--max-restarts", type=int, help="overrides the config's max_restarts")
+    return p
+
+
+def launch(argv: List[str]) -> int:
+    args, harness_args = _parser().parse_known_args(argv)
+
+    from harness import config
+
+    if harness_args[:1] == ["harness"] and not os.path.exists("harness"):  # copied from a horovodrun line
+        raise HarnessError(
+            "harness launch takes the model directory itself: harness launch -np N MODEL_DIR [options] "
+            "(drop the word 'harness' after the launch options)"
+        )
+    source = hosts.HostSource(args.np, args.hosts, args.hostfile, args.host_discovery_script)
+    train_args = parse_args(harness_args)
+    harness_args = _config_for_ranks(harness_args, train_args.config, train_args.output)
+    train_args = parse_args(harness_args)
+    model_dir = train_args.model_def
+    max_restarts = args.max_restarts
+    if max_restarts is None:
+        max_restarts = config.load_for_model(model_dir, train_args.config).max_restarts
+    state = jobstate.state_dir(train_args.output)
+    lock = OutputLock(train_args.output)  # held for every attempt; the ranks know it is held for them
+    took_over = lock.acquire()
+    if took_over:
+        print(f"harness launch: {took_over}", flush=True)
+    try:
+        return _attempts(args, harness_args, source, state, lock.holder, max_restarts)
+    finally:
+        lock.release()
+
+
+def _attempts(
+    args: argparse.Namespace,
+    harness_args: List[str],
+    source: hosts.HostSource,
+    state: str,
+    holder: str,
+    max_restarts: int,
+) -> int:
+    """Run the job, and again from its newest checkpoint after each failure, up to max_restarts times."""
+    env = dict(os.environ, **{HOLDER_ENV: holder})
+    env.setdefault("OMPI_MCA_odls_base_sigkill_timeout", "30")  # time for ranks to checkpoint on SIGTERM
+    job = _Job(state, env)
+    signal.signal(signal.SIGTERM, job.on_term)
+    signal.signal(signal.SIGINT, job.on_term)
+    restarts, unreachable = 0, 0
+    while True:
+        shutil.rmtree(state, ignore_errors=True)
+        where = source.placement()
+        if where.note:
+            print(f"harness launch: {where.note}", flush=True)
+        reach = hosts.launcher_options(
+            args.launcher or "horovodrun", where, args.ssh_port, args.network_interface
+        )
+        rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args))
+        if job.terminating:
+            name = signal.Signals(job.terminating[0]).name
+            print(f"harness launch: stopped by {name}; the job exited with status {rc}", flush=True)
+            return 130 if job.terminating[0] == signal.SIGINT else rc
+        if rc == 0:
+            return 0
+        failures = jobstate.failures(state)
+        bad_input = [f for f in failures if f.get("exit_code") == HarnessError.exit_code]
+        if bad_input:  # bad input, a full disk: running it again would fail the same way
+            print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
+            return HarnessError.exit_code
+        cause = _root_cause(state, failures, rc, exits, killed_here=job.ended_here)
+        if restarts >= max_restarts:
+            print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
+            own = [f["exit_code"] for f in failures if not f.get("consequential") and f.get("exit_code")]
+            return own[0] if own else rc or 1  # the job's own exit status, not the launcher's
+        restarts += 1
+        print(f"harness launch: restart {restarts} of {max_restarts} after failure: {cause}", flush=True)
+        # No rank started (a host unreachable, rebooting?): give it time, longer each time in a row.
+        unreachable = 0 if jobstate.ranks(state) else unreachable + 1
+        if unreachable and not job.wait(min(2 ** (unreachable - 1), 30)):
+            return 130 if job.terminating[0] == signal.SIGINT else 0
+        # Later attempts resume from the newest checkpoint in --output.
+        harness_args = _without(_without(harness_args, "--fresh", False), "--resume", True)

@@ -1,0 +1,143 @@
+"""What the launchers print, read line by line by `harness launch`: how each rank ended, a lost machine,
+and the launchers' own failure reports, left out (the harness says what failed in one line of its own)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+# How launchers report a rank's end: horovodrun --gloo "Process 1 exit with status code 137", Open MPI
+# "... process rank 1 with PID 4242 on node n1 exited on signal 9 (Killed)".
+_EXIT_PATTERNS = (
+    re.compile(r"Process (?P<rank>\d+) exit with status code (?P<status>-?\d+)"),
+    re.compile(r"process rank (?P<rank>\d+) with PID \d+ on node \S+ exited on signal (?P<signal>\d+)"),
+)
+
+
+# How launchers report a lost machine: ssh (horovodrun, mpirun) "Connection to 10.0.0.2 closed by remote
+# host.", Open MPI "ORTE has lost communication with a remote daemon".
+_LOST_PATTERNS = (
+    re.compile(r"Connection to (?P<host>\S+) closed by remote host"),
+    re.compile(r"lost communication with a remote daemon"),
+)
+# Once a machine is lost or a rank has failed, the launcher gets this long to end the job itself. Open MPI's
+# teardown waits odls_base_sigkill_timeout twice (SIGCONT, wait, SIGTERM, wait, SIGKILL: a minute at the
+# 30 s that harness launch sets for checkpoints) while the ranks left are blocked in collectives that never
+# end, and after a machine that vanished without closing its connections mpirun waits for it for ever.
+ENDING_GRACE_SECONDS = 10.0
+
+
+class Output:
+    """Passes the launcher's output through, line by line, noting how each rank ended and leaving out the
+    launchers' own reports of a failure (horovodrun's traceback, Open MPI's boxes, "Process 1 exit with
+    status code 1"): the harness says what failed in one line of its own."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.exits: Dict[int, str] = {}
+        self.failed = False  # a rank has printed its error: what follows from it is not news
+        self.lost: Optional[str] = None  # the machine the launcher reported lost
+        self.threads = [
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+            for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        quiet = _LauncherNoise()
+        for raw in iter(src.readline, b""):
+            line = raw.decode(errors="replace")
+            for pattern in _EXIT_PATTERNS:
+                m = pattern.search(line)
+                if m:
+                    self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+            self.failed = self.failed or "harness: error:" in line
+            for pattern in _LOST_PATTERNS:
+                m = pattern.search(line)
+                if m and self.lost is None:
+                    self.lost = m.groupdict().get("host") or "a machine"
+            for keep in quiet.filter(line, self.failed):
+                dst.buffer.write(keep.encode())
+            dst.flush()
+        for keep in quiet.flush():
+            dst.buffer.write(keep.encode())
+        dst.flush()
+
+    def join(self) -> None:
+        deadline = time.monotonic() + 5  # an orphaned process may still hold the pipe: do not wait for it
+        for t in self.threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+_DASHES = re.compile(r"^-{20,}\s*$")
+_BOX_NOISE = ("terminated normally, but", "mpirun detected that one or more", "mpirun noticed that process")
+_LINE_NOISE = (
+    re.compile(r"^Process \d+ exit with status code -?\d+\.?\s*$"),
+    re.compile(r"^Terminating remaining workers after failure of Process \d+\.?\s*$"),
+    re.compile(r"<stderr>:Terminated\s*$"),
+)
+_GLOO_FAILURE = "RuntimeError: Horovod detected that one or more processes exited with non-zero status"
+
+
+class _LauncherNoise:
+    """Filters one stream of launcher output; multi-line reports are held until they can be judged."""
+
+    def __init__(self) -> None:
+        self.held: List[str] = []
+        self.mode = ""  # "box" (Open MPI), "traceback" (horovodrun), "tail" (after horovodrun's traceback)
+
+    def filter(self, line: str, failed: bool) -> List[str]:
+        if self.mode == "box":
+            self.held.append(line)
+            if not _DASHES.match(line):
+                return []
+            box, self.held, self.mode = self.held, [], ""
+            return [] if any(n in "".join(box) for n in _BOX_NOISE) else box
+        if self.mode == "traceback":
+            self.held.append(line)
+            if line.startswith((" ", "Traceback")):
+                return []
+            held, self.held, self.mode = self.held, [], ""
+            if line.startswith(_GLOO_FAILURE):
+                self.mode = "tail"  # then "Process name: 1", "Exit code: 1", a blank line
+                return []
+            return held
+        if self.mode == "tail":
+            if line.startswith(("Process name:", "Exit code:")) or not line.strip():
+                return []
+            self.mode = ""
+        if _DASHES.match(line):
+            self.mode, self.held = "box", [line]
+            return []
+        if line.startswith("Traceback (most recent call last):"):  # untagged: the launcher's own
+            self.mode, self.held = "traceback", [line]
+            return []
+        if any(p.search(line) for p in _LINE_NOISE):
+            return []
+        if failed and "Horovod background loop uncaught exception" in line:
+            return []  # a surviving rank's view of the failed one
+        return [line]
+
+    def flush(self) -> List[str]:
+        held, self.held, self.mode = self.held, [], ""
+        return held
+
+
+def _how(found: Dict[str, Optional[str]]) -> str:
+    signal_text, status_text = found.get("signal"), found.get("status")
+    number = int(signal_text) if signal_text else None
+    if number is None and status_text:
+        status = int(status_text)
+        number = -status if status < 0 else status - 128 if status > 128 else None
+    if number is None:
+        return f"exited with status {status_text}"
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"was killed by {name}"

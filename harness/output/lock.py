@@ -1,0 +1,86 @@
+"""One run per output directory: an exclusive lock on OUTPUT/.lock for the run's life.
+
+The lock is an ``flock`` on the file, so the kernel drops it when its holder dies, however it dies; the
+file's content (pid, host, time) names the holder in the message a second run gets. `harness launch` holds
+the lock for its whole life and tells its ranks (HARNESS_OUTPUT_LOCK_HOLDER) that it holds it for them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, Optional
+
+from harness.errors import HarnessError
+
+LOCK_FILE = ".lock"
+HOLDER_ENV = "HARNESS_OUTPUT_LOCK_HOLDER"  # set by `harness launch` for its ranks: the pid holding the lock
+
+
+class LockRefused(HarnessError):
+    """Another run holds the output directory."""
+
+
+def holder_value(record: dict) -> Optional[str]:
+    """HOLDER_ENV's value for the holder in `record`: pid and host, as the ranks may run on other machines."""
+    return f"{record['pid']}@{record.get('host')}" if record.get("pid") else None
+
+
+class OutputLock:
+    """Held from `acquire` until the process exits (or `release`)."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self._fd: Optional[int] = None
+        self.holder = f"{os.getpid()}@{socket.gethostname()}"  # HOLDER_ENV's value while this one holds it
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock or raise a HarnessError naming its holder; returns a note if a dead run's lock
+        was taken over (None otherwise)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        previous = _read(fd)
+        if holder_value(previous) and os.environ.get(HOLDER_ENV) == holder_value(previous):
+            os.close(fd)  # our supervisor holds it for us
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("time", 0)))
+            raise LockRefused(
+                f"output directory {os.path.dirname(self.path)} is in use by another run (pid "
+                f"{previous.get('pid', '?')} on {previous.get('host', '?')}, since {since}); "
+                "wait for it to end, or use another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd,
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(),
+            0,
+        )
+        self._fd = fd
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            return (
+                f"took over the lock of {os.path.dirname(self.path)} left by pid {previous['pid']} on "
+                f"{previous.get('host', '?')}, which no longer runs"
+            )
+        return None
+
+    def release(self) -> None:
+        """A clean end: the next run finds the lock free and unclaimed (a crashed holder's stays named)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _read(fd: int) -> Dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return data if isinstance(data, dict) else {}
+    except ValueError:
+        return {}

@@ -1,0 +1,93 @@
+"""Batches on their way to the model: ndarrays to tensors, onto the rank's device, structure kept, with
+errors that name the path inside the batch (`batch[0]['pixels']`)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+
+
+def to_device(obj: Any, device: torch.device, path: str, non_blocking: bool = False) -> Any:
+    """Convert ndarrays to tensors and move every tensor to `device`, keeping the nesting.
+
+    `path` names the object in error messages, e.g. ``training batch 3 input['image'][0]``.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biufc":
+            raise HarnessError(
+                f"{path} is an ndarray of dtype {obj.dtype}; only numeric arrays can become tensors"
+            )
+        t = torch.from_numpy(obj)
+        return t if device.type == "cpu" else t.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, f"{path}[{k!r}]", non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_device(v, device, f"{path}[{i}]", non_blocking) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return type(obj)(items) if isinstance(obj, tuple) else items
+    raise HarnessError(
+        f"{path} is a {type(obj).__name__}; batches may hold only ndarrays, tensors, "
+        "and tuples, lists or dicts of them"
+    )
+
+
+def batch_to_device(
+    batch: Any, device: torch.device, where: str, non_blocking: bool = False
+) -> Tuple[Any, Any]:
+    """A batch as (input, target) on `device`; `where` (e.g. "training batch 3") names it in errors."""
+    if type(batch) in (tuple, list) and len(batch) == 2:
+        inputs, labels = batch
+        if (
+            type(inputs) is torch.Tensor
+            and type(labels) is torch.Tensor
+            and inputs.device == device
+            and labels.device == device
+        ):
+            return inputs, labels  # the common case: nothing to check or convert
+    inputs, labels = split_batch(batch, where)
+    return (
+        to_device(inputs, device, f"{where} input", non_blocking),
+        to_device(labels, device, f"{where} target", non_blocking),
+    )
+
+
+def split_batch(batch: Any, where: str) -> Tuple[Any, Any]:
+    """A batch must be a pair (input, target)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        shape = f"a {type(batch).__name__}" + (
+            f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        )
+        raise HarnessError(f"{where} is {shape}; expected a pair (input, target)")
+    return batch[0], batch[1]
+
+
+def first_tensor(obj: Any) -> Optional[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values: List[Any] = (
+        list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else []
+    )
+    for v in values:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def batch_records(inputs: Any, labels: Any, where: str) -> int:
+    """The number of records in a batch: the first dimension of its first tensor."""
+    if type(labels) is torch.Tensor and labels.dim() > 0:
+        return labels.shape[0]  # the common case, checked first
+    t = first_tensor(labels)
+    if t is None or t.dim() == 0:
+        t = first_tensor(inputs)
+    if t is None or t.dim() == 0:
+        raise HarnessError(f"{where} holds no tensor with a batch dimension")
+    return int(t.shape[0])

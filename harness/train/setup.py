@@ -1,0 +1,123 @@
+"""Set-up: from a model definition and a config to what the loop trains, on every rank, in one order.
+
+Training (`build_training`) and evaluation (`start_trial`, then the validation loader and the model) share
+it, so a checkpoint is evaluated with exactly the trial, context, seeding and sharding it was trained with.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from harness.api import trial as trial_api
+from harness.config import ExperimentConfig, optimizations
+from harness.config.optimizations import TrainingOptions
+from harness.definition import ModelDefinition
+from harness.distributed.backend import Backend
+from harness.errors import HarnessError
+from harness.train import builders
+from harness.train.adapters import TrialAdapter, make_adapter
+from harness.train.data import make_loaders
+from harness.train.optimizer_step import OptimizerStep
+from harness.train.sharding import ResumableDistributedSampler, shard_training_loader
+
+
+@dataclass
+class TrialParts:
+    """What training and evaluation both build first: the device, the trial and its adapter."""
+
+    model_def: ModelDefinition
+    trial: Any
+    adapter: TrialAdapter
+    device: torch.device
+    options: TrainingOptions
+
+
+def start_trial(
+    model_def: ModelDefinition, config: ExperimentConfig, backend: Backend, seed: int
+) -> TrialParts:
+    """The trial object, made with the run's context set and every rank seeded alike (so that models built
+    from it start equal)."""
+    device = pick_device(backend)
+    options = config.training_options
+    trial_api._set_context(config.hyperparameters, None, config.as_dict(), seed)
+    seed_everything(seed)
+    trial = builders.make_trial(model_def, config.hyperparameters)
+    return TrialParts(model_def, trial, make_adapter(trial), device, options)
+
+
+@dataclass
+class Training:
+    """Everything the loop trains with, built alike on every rank."""
+
+    parts: TrialParts
+    global_batch: int
+    train_loader: Any
+    sampler: ResumableDistributedSampler
+    val_loader: Any  # sharded for the trial's API; None: training without validation
+    model: torch.nn.Module
+    optimizer: Any  # the backend's wrapper of the trial's optimizer
+    step: OptimizerStep
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.train_loader.batch_size
+
+
+def build_training(
+    model_def: ModelDefinition, config: ExperimentConfig, backend: Backend, seed: int, stop: Any = None
+) -> Training:
+    """Trial, batch size, data (downloaded once per machine, sharded), model, optimizer and its step."""
+    parts = start_trial(model_def, config, backend, seed)
+    optimizations.check_device(parts.options, parts.device)
+    hparams = config.hyperparameters
+    global_batch = builders.global_batch_size(parts.trial, model_def, hparams, backend.size)
+    train_loader, val_loader = make_loaders(
+        model_def, config.as_dict(), hparams, backend, config.download_timeout, stop
+    )
+    train_loader, sampler = shard_training_loader(
+        train_loader, global_batch // backend.size, backend.rank, backend.size, seed
+    )
+    if val_loader is not None:  # None: no validation at all
+        val_loader = parts.adapter.validation_loader(val_loader, backend.rank, backend.size)
+    elif config.searcher.metric:
+        raise HarnessError(
+            f"config key 'searcher.metric' names '{config.searcher.metric}', but make_data_loaders() "
+            "returned no validation loader (None); remove searcher.metric or return one"
+        )
+    # Built on every rank from the same seed; rank 0's state is broadcast (after a resume restored it).
+    model = builders.build_model(parts.trial, model_def, hparams).to(parts.device)
+    optimizer = backend.wrap_optimizer(
+        builders.build_optimizer(parts.trial, model_def, model, hparams), model, parts.options
+    )
+    scheduler = builders.build_lr_scheduler(parts.trial, model_def, optimizer)
+    step = OptimizerStep(optimizer, scheduler, parts.options, parts.device)
+    return Training(parts, global_batch, train_loader, sampler, val_loader, model, optimizer, step)
+
+
+def pick_device(backend: Backend) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(backend.local_rank)
+        return torch.device("cuda", backend.local_rank)
+    return torch.device("cpu")
+
+
+def agree_on_seed(config_seed: Optional[int], backend: Backend, resumed: Optional[Dict[str, Any]]) -> int:
+    seed = config_seed
+    if seed is None and resumed:
+        seed = resumed["seed"]  # a drawn seed is kept across restarts
+    if seed is None:
+        drawn = random.SystemRandom().randrange(2**31) if backend.rank == 0 else None
+        seed = backend.broadcast_object(drawn)
+    assert seed is not None, "rank 0 drew it"
+    return seed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
