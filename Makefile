@@ -4,25 +4,36 @@ BIN := $(VENV)/bin
 NP ?= 2
 OUTPUT ?= output/digits
 
-.PHONY: setup demo test lint format clean bench
+.PHONY: setup setup-run demo test test-fast lint format clean bench
 
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
+# What `make demo` needs and no more: no test tools, no PostgreSQL or sshd (a later `make setup` adds them).
+setup-run:
+	@HARNESS_INSTALL=run bash scripts/setup.sh
+
+demo: setup-run
 	$(BIN)/horovodrun -np $(NP) -H localhost:$(NP) $(BIN)/harness samples/digits --output $(OUTPUT)
 	@echo "demo done: metrics in $(OUTPUT)/metrics.jsonl, effective config in $(OUTPUT)/config.yaml"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every tier (tests/conftest.py): unit, integration, container, multihost (gpu: skipped without CUDA); it
+# prints the time of each tier at the end.
 test: setup lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q --durations=15 tests
+
+# The unit tier alone (in-process tests: no launcher, no subprocess), for the edit-run loop: about a minute.
+test-fast: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m unit tests/unit
 
 # The benchmark (bench/README.md): installs the `bench` extra (Lightning, py-spy) with torch pinned to the
 # installed version, then writes bench/RESULTS.md and bench/results.json (about 24 minutes on an idle

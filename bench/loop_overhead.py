@@ -1,9 +1,11 @@
-"""What the training loop costs per batch: ``harness.loop.train`` against the plain loop, in one process.
+"""What the training loop costs per batch: ``harness.train.loop.train`` against the plain loop, in one
+process.
 
 Both run in the same process (same imports, threads and allocator), A/B interleaved, on a bench workload:
 
-- harness: ``harness.loop.train`` with the one-process backend, as ``harness ./model_def`` runs it, reporting
-  every ``--report-every`` batches (metrics.jsonl, TensorBoard, a console line) and validating at the end;
+- harness: ``harness.train.loop.train`` with the one-process backend, as ``harness ./model_def`` runs it,
+  reporting every ``--report-every`` batches (metrics.jsonl, TensorBoard, a console line) and validating at
+  the end;
 - plain:   the hand-written loop's body (DistributedSampler, zero_grad/forward/backward/step, ``loss.item()``
   every ``--report-every`` batches), without Horovod, which one process does not need.
 

@@ -2,8 +2,9 @@
 # Idempotent set-up: system packages, a virtualenv at $VENV (default .venv), torch, the harness, and the
 # patched Horovod wheel (built once, then cached). Shared by `make setup` and the Dockerfile.
 # Knobs (defaults are what `make setup` does; the Dockerfile sets the others):
-#   HARNESS_INSTALL     editable (default: the harness with its test tools) | none (all but the harness:
-#                       torch, Horovod, the harness's dependencies; the image installs the harness as a wheel)
+#   HARNESS_INSTALL     editable (default: the harness with its test tools, and the Debian packages only the
+#                       tests use) | run (the harness alone: what `make demo` needs) | none (all but the
+#                       harness: torch, Horovod, its dependencies; the image installs the harness as a wheel)
 #   TORCH_INDEX_URL     an extra package index for torch (e.g. https://download.pytorch.org/whl/cpu)
 #   EXTRA_APT_PACKAGES  more Debian packages to install in step 1 (space-separated)
 #   HARNESS_CHECK_BUILD what `horovodrun --check-build` must list (default: PyTorch MPI Gloo, and NCCL with a
@@ -23,7 +24,7 @@ STAMP="$VENV/.harness-setup-stamp"
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
-case "$HARNESS_INSTALL" in editable|none) ;; *) die "HARNESS_INSTALL=$HARNESS_INSTALL: editable or none" ;; esac
+case "$HARNESS_INSTALL" in editable|run|none) ;; *) die "HARNESS_INSTALL=$HARNESS_INSTALL: editable, run or none" ;; esac
 
 # 1. System packages (Debian). Skipped when all are present, so a second run needs no network.
 APT_PKGS=(openmpi-bin libopenmpi-dev build-essential cmake python3-venv "${EXTRA_APT[@]}")
@@ -60,7 +61,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 req_hash="$(cat "$ROOT/pyproject.toml" "$HERE/setup.sh" "$HERE/build_horovod.sh" "$HERE"/horovod-patches/* 2>/dev/null | sha256sum | cut -c1-16)"
 want="torch=$TORCH_VERSION install=$HARNESS_INSTALL req=$req_hash"
 imports="import horovod.torch"; [ "$HARNESS_INSTALL" = none ] || imports+=", harness"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "$imports" 2>/dev/null; then
+have="$(cat "$STAMP" 2>/dev/null || true)"
+[ "$HARNESS_INSTALL" != run ] || [ "$have" != "${want/install=run/install=editable}" ] || want="$have"  # a superset
+if [ "$have" = "$want" ] && "$VENV/bin/python" -c "$imports" 2>/dev/null; then
   log "up to date ($VENV)"
   exit 0
 fi
@@ -81,9 +84,11 @@ fi
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.
 "$HERE/build_horovod.sh" "$VENV"
 
-# 4. The harness itself (editable) with its test tools; or only its dependencies (Python >= 3.11).
+# 4. The harness itself (editable) with its test tools, or without; or only its dependencies (Python >= 3.11).
 if [ "$HARNESS_INSTALL" = editable ]; then
   "${PIP[@]}" install -e "${ROOT}[test]"
+elif [ "$HARNESS_INSTALL" = run ]; then
+  "${PIP[@]}" install -e "${ROOT}"
 else
   read_deps='import sys, tomllib
 print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))'

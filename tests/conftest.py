@@ -110,3 +110,57 @@ class Trial(harness.PyTorchTrial):
         recall = [(predicted[target == c] == c).float().mean() for c in target.unique()]
         return {"balanced_accuracy": torch.stack(recall).mean(), "records_seen": len(target)}
 """
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test tiers. Each test has one: a marker of its own, else its folder's (tests/unit -> unit, ...).
+#   unit         in one process, no subprocess (enforced below); `make test-fast` runs this tier alone
+#   integration  real launchers (horovodrun, mpirun, harness launch) and the harness's own commands
+#   container    the images, built with buildah or docker
+#   multihost    network namespaces as hosts, with their own sshd
+#   gpu          needs CUDA (skipped without)
+TIERS = ("unit", "integration", "container", "multihost", "gpu")
+FOLDER_TIER = {"unit": "unit", "integration": "integration", "bench": "integration", "container": "container"}
+FOLDER_TIER.update(multihost="multihost", gpu="gpu")
+_tier_seconds = {}
+
+
+def tier_of(item):
+    own = [t for t in TIERS if item.get_closest_marker(t)]
+    return own[0] if own else None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if tier_of(item) is None:
+            folder = os.path.basename(os.path.dirname(str(item.fspath)))
+            item.add_marker(getattr(pytest.mark, FOLDER_TIER.get(folder, "integration")))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_one_process(request, monkeypatch):
+    """A unit test that starts a process is in the wrong tier: it fails, naming the command."""
+    if tier_of(request.node) != "unit":
+        yield
+        return
+    import subprocess
+
+    def refuse(args, *rest, **kw):
+        raise AssertionError(f"a unit test runs in one process; it started {args!r}: mark it integration")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)  # subprocess.run and check_output go through it
+    yield
+
+
+def pytest_runtest_logreport(report):
+    tier = next((t for t in TIERS if t in report.keywords), "integration")
+    seconds, count = _tier_seconds.get(tier, (0.0, 0))
+    _tier_seconds[tier] = (seconds + report.duration, count + (report.when == "call"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _tier_seconds:
+        shown = ", ".join(
+            f"{t} {s:.0f} s ({n} tests)" for t in TIERS for s, n in [_tier_seconds.get(t, (0, 0))] if n
+        )
+        terminalreporter.write_line(f"time per tier: {shown}")

@@ -3,19 +3,18 @@
 
 import os
 import re
-import subprocess
 
 import pytest
+import runner
 from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
-from test_launchers import BIN, command
+from test_launchers import command
 
 TAG = re.compile(r"^\[\d+(,\d+)?\]<(stdout|stderr)>:")  # horovodrun's per-rank tags
 THROUGHPUT = re.compile(r"  \([\d,]+ samples/s(, ETA \w+)?\)$")
 
 
 def run(argv, timeout=180):
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    return runner.run(argv, timeout)
 
 
 def normalized(stdout, output):

@@ -1,15 +1,13 @@
 """`harness evaluate` under real launchers: the metrics training's final validation reported, at 2 ranks."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+import runner
 from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 
-BIN = os.path.dirname(sys.executable)
+BIN = runner.BIN
 
 pytestmark = pytest.mark.skipif(
     shutil.which("horovodrun", path=BIN) is None, reason="Horovod is not installed (run `make setup`)"
@@ -22,17 +20,9 @@ DEFINITIONS = {
 
 
 def run(launcher, *args, timeout=180, ok=True):
-    harness = [os.path.join(BIN, "harness"), *map(str, args)]
-    if launcher == "local":
-        cmd = harness
-    elif launcher == "mpirun":
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", *harness]
-    else:
-        cmd = [os.path.join(BIN, "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", *harness]
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = runner.run(runner.under(launcher, 2, runner.harness(*args)), timeout)
     if ok:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        runner.assert_ok(proc)
     return proc
 
 

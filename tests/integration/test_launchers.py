@@ -3,15 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
+import runner
 import yaml
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, SAMPLES, write_model_def
 
-BIN = os.path.dirname(sys.executable)
+BIN = runner.BIN
 LAUNCHERS = ["gloo", "mpi"]
 
 pytestmark = pytest.mark.skipif(
@@ -20,38 +18,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def command(launcher, np, model_dir, output, *args):
-    """The job's command line: `local` (one process), `mpirun`, `gloo`/`mpi` (horovodrun), or
-    `launch-<gloo|mpi|mpirun|horovodrun>` (`harness launch` with that launcher)."""
-    harness = [os.path.join(BIN, "harness"), str(model_dir), "--output", str(output), *args]
-    if launcher.startswith("launch-"):
-        return [harness[0], "launch", "-np", str(np), "--launcher", launcher[len("launch-") :], *harness[1:]]
-    if launcher == "local":
-        return harness
-    if launcher == "mpirun":
-        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np), "-x", "PATH", *harness]
-    return [
-        os.path.join(BIN, "horovodrun"),
-        f"--{launcher}",
-        "-np",
-        str(np),
-        "-H",
-        f"localhost:{np}",
-        *harness,
-    ]
+    """The job's command line (runner.training): `local`, `mpirun`, `gloo`/`mpi`, `launch-<launcher>`."""
+    return runner.training(launcher, np, model_dir, output, *args)
 
 
 def launch(launcher, np, model_dir, output, *args, timeout=180, env=None):
     """Run the job (`env`: extra variables); returns (CompletedProcess, seconds)."""
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **(env or {}))
-    start = time.monotonic()
-    proc = subprocess.run(
-        command(launcher, np, model_dir, output, *args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    return proc, time.monotonic() - start
+    return runner.timed(command(launcher, np, model_dir, output, *args), timeout, env)
 
 
 def reports(output, kind=None):
@@ -78,10 +51,7 @@ def assert_no_rank_traceback(stderr):
     assert not bad, stderr[-3000:]
 
 
-def assert_ok(proc):
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    )
+assert_ok = runner.assert_ok
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

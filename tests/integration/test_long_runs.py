@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import runner
 import torch
 from conftest import GOOD_MODEL_DEF, write_model_def
 from test_launchers import BIN, assert_ok, command, launch, reports
@@ -62,19 +63,12 @@ reproducibility:
 
 
 def run_with_env(cmd, env_extra, timeout=120):
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **env_extra)
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return proc, time.monotonic() - start
+    return runner.timed(cmd, timeout, env_extra)
 
 
 def horovodrun(launcher, model_dir, output, *extra):
-    if launcher == "mpirun":
-        return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH",
-                "-x", "KILL_AT", "-x", "MARKER", "-x", "CRASH_AT", "-x", "SLOW",
-                os.path.join(BIN, "harness"), str(model_dir), "--output", str(output), *extra]  # fmt: skip
-    return [os.path.join(BIN, "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2",
-            os.path.join(BIN, "harness"), str(model_dir), "--output", str(output), *extra]  # fmt: skip
+    forward = ("KILL_AT", "MARKER", "CRASH_AT", "SLOW")  # what the test models read
+    return runner.training(launcher, 2, model_dir, output, *extra, forward=forward)
 
 
 def final_weights(output):
@@ -154,8 +148,7 @@ def test_rank_killed_ends_job_within_30s(launcher, model_dir, tmp_path):
 
 
 def start_and_wait_for_training(cmd, env_extra, output):
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], **env_extra)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = runner.start(cmd, env_extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if os.path.exists(output / "metrics.jsonl") and reports(output, "training"):

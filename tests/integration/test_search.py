@@ -12,6 +12,7 @@ import sys
 import time
 
 import optuna
+import runner
 import yaml
 from conftest import GOOD_DATA, write_model_def
 
@@ -85,17 +86,13 @@ def random_config(trials=3, seed=7, pause=0, length=6):
 
 
 def search(model_dir, out, *extra, timeout=300, config=None):
-    command = [os.path.join(BIN, "harness"), "search", str(model_dir), "--output", str(out), *extra]
-    if config:
-        command += ["--config", str(config)]
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    config_args = ["--config", config] if config else []
+    return runner.run(runner.harness("search", model_dir, "--output", out, *extra, *config_args), timeout)
 
 
 def start_search(model_dir, out, *extra):
-    command = [os.path.join(BIN, "harness"), "search", str(model_dir), "--output", str(out), *extra]
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    command = runner.harness("search", model_dir, "--output", out, *extra)
+    return runner.start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def assert_ok(proc):
@@ -128,9 +125,7 @@ def test_grid_runs_every_combination_once_and_summary_and_plot_show_them(model_d
         assert (folder / "metrics.jsonl").is_file() and (folder / "checkpoints").is_dir()
         assert trial_hparams(out, t.number)["pause"] == 0
     assert "grid searcher, 4 trials" in proc.stdout
-    summary = subprocess.run(
-        [os.path.join(BIN, "harness"), "summary", str(out)], capture_output=True, text=True, timeout=60
-    )
+    summary = runner.run(runner.harness("summary", out), timeout=60)
     assert summary.returncode == 0, summary.stderr
     lines = summary.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("trial"))
@@ -144,9 +139,7 @@ def test_grid_runs_every_combination_once_and_summary_and_plot_show_them(model_d
         os.path.isfile(os.path.join(checkpoint, "model.pt"))
         and f"/trials/{rows[0].split()[0]}/" in checkpoint
     )
-    plot = subprocess.run(
-        [os.path.join(BIN, "harness"), "plot", str(out)], capture_output=True, text=True, timeout=120
-    )
+    plot = runner.run(runner.harness("plot", out), timeout=120)
     assert plot.returncode == 0, plot.stderr
     assert os.path.getsize(out / "search.png") > 10_000
 
@@ -268,12 +261,7 @@ def test_bad_input_stops_the_search_with_one_line(model_dir, tmp_path):
 
 def test_training_with_a_search_config_says_to_use_harness_search(model_dir, tmp_path):
     write_model_def(model_dir, model_def=SEARCH_MODEL, data=GOOD_DATA, config=GRID)
-    proc = subprocess.run(
-        [os.path.join(BIN, "harness"), str(model_dir), "--output", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = runner.run(runner.harness(model_dir, "--output", tmp_path / "o"), timeout=120)
     assert proc.returncode == 2
     assert "run it with `harness search MODEL_DIR --config FILE --output OUT`" in proc.stderr
 

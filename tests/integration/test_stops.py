@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+import runner
 from conftest import write_model_def
 from test_launchers import BIN, command, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, sigterm_when_marked, start_and_wait_for_training
@@ -143,8 +144,7 @@ def test_sigterm_during_download_data_stops_within_seconds(launcher, model_dir, 
     write_model_def(model_dir, data=GOOD_DATA + SLOW_DOWNLOAD)
     output, marker = tmp_path / "out", tmp_path / "downloading"
     cmd = command(f"launch-{launcher}", 2, model_dir, output)
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], MARKER=str(marker))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = runner.start(cmd, {"MARKER": str(marker)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.1)

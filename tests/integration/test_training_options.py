@@ -2,13 +2,13 @@
 Horovod + GradScaler step order."""
 
 import os
-import subprocess
 import sys
 
 import pytest
+import runner
 import torch
 from conftest import GOOD_DATA, ROOT, write_model_def
-from test_launchers import BIN, assert_ok, launch, reports
+from test_launchers import assert_ok, launch, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, final_weights, kill_and_resume_matches_straight
 
 # PEDL's later API, no batch-dependent layers, momentum: k batches of b must equal one batch of k*b.
@@ -147,9 +147,8 @@ def test_horovod_tuning_reaches_horovod_and_the_environment_wins(tmp_path):
 def test_fp16_scaler_with_horovod_skips_the_same_steps_on_every_rank(tmp_path):
     """synchronize -> unscale -> clip -> step: an inf gradient on one rank makes every rank skip."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fp16_step_check.py")
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=ROOT)
-    cmd = [os.path.join(BIN, "horovodrun"), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, script]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
+    cmd = runner.under("gloo", 2, [sys.executable, script])
+    proc = runner.run(cmd, timeout=180, env={"PYTHONPATH": ROOT}, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert results[0]["skipped"] == results[1]["skipped"] == results[0]["expected_skips"]

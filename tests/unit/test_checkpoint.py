@@ -225,14 +225,16 @@ def test_summary_calls_only_the_searcher_metric_best(tmp_path, capsys):
     assert lines[header + 2].split() == ["mse", "0.6", "30", "0.54", "0.66"]  # no "best" column
 
 
+@pytest.mark.integration  # starts the harness (or a script) as its own process
 def test_summary_into_a_closed_pipe_is_quiet(tmp_path):
-    import subprocess
     import sys
+
+    import runner
 
     entry = {"type": "validation", "batches": 1, "epoch": 0.1, "records": 1, "time": 0.0, "metrics": {}}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
     for b in range(3000):  # a long checkpoint list, so that the reader's end is hit while writing
         (tmp_path / "checkpoints" / str(b)).mkdir(parents=True)
     cmd = f"{sys.executable} -m harness summary {tmp_path} | head -n 1"
-    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    proc = runner.run(["bash", "-c", cmd], timeout=60)
     assert proc.stdout.startswith("run: ") and proc.stderr == "", proc.stderr

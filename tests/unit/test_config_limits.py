@@ -6,12 +6,11 @@ and reaches the user as `harness: error: ...` with exit status 2.
 
 import glob
 import os
-import subprocess
-import sys
 import time
 import tracemalloc
 
 import pytest
+import runner
 import yaml
 
 from harness.config import load_config
@@ -267,20 +266,14 @@ def test_pedl_const_yaml_loads(tmp_path):
 # Through the CLI
 
 
+@pytest.mark.integration  # starts the harness (or a script) as its own process
 def test_cli_refuses_a_config_bomb_in_one_line_with_status_2(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "model_def.py").write_text("import harness\n")
     (model_dir / "experiment.yaml").write_text(alias_bomb())
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("HARNESS_TRACEBACK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", str(model_dir), "--output", str(tmp_path / "out")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = runner.run(
+        runner.harness(model_dir, "--output", tmp_path / "out"), 120, {"PYTHONPATH": ROOT}, cwd=ROOT
     )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("harness: error:")]

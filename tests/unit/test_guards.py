@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import runner
 import torch
 from conftest import GOOD_CONFIG, GOOD_MODEL_DEF, write_model_def
 
@@ -77,11 +78,12 @@ def test_check_config_keeps_a_drawn_seed_and_ignores_cluster_keys():
 # One run per output directory
 
 
+@pytest.mark.integration  # starts the harness (or a script) as its own process
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
-    holder = subprocess.Popen(
+    holder = runner.start(
         [sys.executable, "-c", "import sys, time; from harness.output.lock import OutputLock; "
          f"OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -46,6 +46,7 @@ def script(tmp_path, body):
     return str(path)
 
 
+@pytest.mark.integration  # starts the harness (or a script) as its own process
 def test_discovery_is_asked_before_every_attempt_and_caps_np(tmp_path):
     live = tmp_path / "live"
     live.write_text("a:2\nb:2\n")
@@ -58,6 +59,7 @@ def test_discovery_is_asked_before_every_attempt_and_caps_np(tmp_path):
     assert capped.np == 2 and "2 ranks instead of -np 3" in capped.note
 
 
+@pytest.mark.integration  # starts the harness (or a script) as its own process
 def test_discovery_failures_are_one_line(tmp_path):
     with pytest.raises(HarnessError, match="exited with status 3: inventory down"):
         hosts.HostSource(None, None, None, script(tmp_path, "echo inventory down >&2; exit 3")).placement()

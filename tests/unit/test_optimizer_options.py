@@ -1,11 +1,9 @@
 """Training options in one process: the config's two spellings, and what OptimizerStep does with them."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
+import runner
 import torch
 from conftest import GOOD_CONFIG, write_model_def
 
@@ -254,6 +252,7 @@ def test_resume_in_the_middle_of_a_window_is_exact():
 # --- the command ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts the harness as its own process
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -268,13 +267,7 @@ def test_resume_in_the_middle_of_a_window_is_exact():
 def test_impossible_options_end_the_run_before_training(tmp_path, extra, message):
     model_dir = tmp_path / "model"
     write_model_def(model_dir, config=GOOD_CONFIG + extra)
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", str(model_dir), "--output", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_"))},
-    )
+    proc = runner.run(runner.harness(model_dir, "--output", tmp_path / "out"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

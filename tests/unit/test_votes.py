@@ -1,4 +1,5 @@
-"""The stop votes of harness.loop: spaced by the interval the ranks agree on, timed by the batches."""
+"""The stop votes of the training loop (harness/distributed/preemption.py): spaced by the interval the ranks
+agree on, timed by the batches."""
 
 from harness.distributed import Local, preemption
 

@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import runner
 import yaml
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 
@@ -14,9 +14,8 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_"
 
 
 def harness(*args, env=None, timeout=120, shell=None):
-    run_env = dict(CLEAN_ENV, PATH=BIN + os.pathsep + os.environ["PATH"], **(env or {}))
-    cmd = ["bash", "-c", shell] if shell else [sys.executable, "-m", "harness", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
+    cmd = ["bash", "-c", shell] if shell else runner.harness(*args)
+    return runner.run(cmd, timeout, env)
 
 
 def test_a_model_directory_without_a_config_is_one_line(tmp_path):
@@ -79,7 +78,10 @@ def test_the_users_thread_count_wins(tmp_path, how, expected):
         env["OMP_NUM_THREADS"] = "1"
     proc = harness(model_dir, "--output", tmp_path / "out", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert int((tmp_path / "threads").read_text()) == expected
+    seen = int((tmp_path / "threads").read_text())
+    assert seen == expected, (
+        f"{seen} threads, expected {expected}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    )
 
 
 NO_VALIDATION_DATA = GOOD_DATA.replace("harness.DataLoader(val, batch_size=16)", "None")

@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import runner
 import torch
 from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 
@@ -38,9 +38,7 @@ BF16_CONFIG = GOOD_CONFIG + "optimizations: {mixed_precision: bf16}\n"
 
 
 def harness_cli(*args, timeout=120):
-    env = dict(CLEAN_ENV, PATH=BIN + os.pathsep + os.environ["PATH"])
-    cmd = [sys.executable, "-m", "harness", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return runner.run(runner.harness(*args), timeout)
 
 
 def train(directory, output):
