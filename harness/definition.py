@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Type
 
-from harness.api.trial import PyTorchTrial
+from harness.api.trial import PyTorchTrial, api_of
 from harness.errors import HarnessError, describe
-from harness.train.adapters import api_of
 
 if TYPE_CHECKING:
     from harness.config import EntrypointsConfig, ExperimentConfig

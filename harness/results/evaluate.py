@@ -23,13 +23,13 @@ import torch
 
 from harness import config as config_mod
 from harness import distributed
+from harness.api.trial import LOSSES_API
 from harness.config import optimizations
 from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.errors import HarnessError, say
 from harness.output import checkpoint
 from harness.train import builders, resume, setup
-from harness.train.adapters import LOSSES_API
 from harness.train.data import make_loaders
 from harness.train.report import format_metrics
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import inspect
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from harness import distributed
-from harness.api.trial import PyTorchTrial, defines
+from harness.api.trial import BATCH_API, LOSSES_API, PyTorchTrial, api_of, defines
 from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.distributed.preemption import StopRequested
@@ -24,47 +23,6 @@ from harness.errors import HarnessError
 from harness.train.batches import batch_records, batch_to_device, first_tensor, to_device
 from harness.train.metrics import MetricAccumulator
 from harness.train.sharding import shard_validation_loader
-
-COMMON = ("build_model", "optimizer")
-# Each API: its name and what a class must define for it (a tuple inside means "one of these").
-LOSSES_API = "losses/validation_metrics"
-BATCH_API = "train_batch/evaluate_batch"
-APIS: Dict[str, List[Any]] = {
-    BATCH_API: [*COMMON, "train_batch", ("evaluate_batch", "evaluate_full_dataset")],
-    LOSSES_API: [*COMMON, "losses", "validation_metrics"],
-}
-
-
-def _missing(cls: type, needs: List[Any]) -> List[str]:
-    out = []
-    for need in needs:
-        names = need if isinstance(need, tuple) else (need,)
-        if not any(defines(cls, n) for n in names):
-            out.append(" or ".join(f"{n}()" for n in names))
-    return out
-
-
-def api_of(cls: type) -> str:
-    """The trial API `cls` completes (PEDL's later one wins if both are complete), or one error naming,
-    per API, what is missing."""
-    missing = {api: _missing(cls, needs) for api, needs in APIS.items()}
-    for api, lacks in missing.items():
-        if not lacks:
-            if api == BATCH_API and defines(cls, "evaluate_batch") and defines(cls, "evaluate_full_dataset"):
-                raise HarnessError(
-                    f"{_where(cls)}: class {cls.__name__} defines both evaluate_batch() and "
-                    "evaluate_full_dataset(); keep one"
-                )
-            return api
-    parts = [f"the {api} API lacks {', '.join(lacks)}" for api, lacks in missing.items()]
-    raise HarnessError(f"{_where(cls)}: class {cls.__name__} completes no trial API: {'; '.join(parts)}")
-
-
-def _where(cls: type) -> str:
-    try:
-        return inspect.getsourcefile(cls) or cls.__module__
-    except TypeError:
-        return cls.__module__
 
 
 def make_adapter(trial: Any) -> TrialAdapter:

@@ -20,7 +20,7 @@ ALLOWED = {
     "config": {"errors"},
     "output": {"errors"},
     "distributed": {"errors", "config"},
-    "definition": {"errors", "api", "config", "train"},  # train.adapters: which trial APIs exist
+    "definition": {"errors", "api", "config"},
     "train": {"errors", "api", "config", "output", "distributed", "definition", "search"},  # search.trial
     "search": {"errors", "config", "output", "definition", "arguments"},
     "results": {"errors", "api", "config", "output", "distributed", "definition", "train", "search"},

@@ -11,9 +11,10 @@ from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 import harness
 from harness import config, definition, distributed
 from harness.api.lr_scheduler import LRScheduler
+from harness.api.trial import BATCH_API
 from harness.errors import HarnessError
 from harness.output import checkpoint
-from harness.train import adapters, loop
+from harness.train import loop
 
 # GOOD_MODEL_DEF's model in PEDL's later API, without batch_size(): the global batch is a hyperparameter.
 BATCH_API_DEF = """
@@ -128,7 +129,7 @@ def test_a_class_with_both_apis_uses_the_later_one(model_dir):
         "\n    def validation_metrics(self, predictions, labels, losses):\n        raise AssertionError\n"
     )
     write_model_def(model_dir, model_def=both, config=BATCH_API_CONFIG)
-    assert definition.check_trial_class(definition.load(str(model_dir)).trial_class) == adapters.BATCH_API
+    assert definition.check_trial_class(definition.load(str(model_dir)).trial_class) == BATCH_API
 
 
 @pytest.mark.parametrize(
