@@ -176,6 +176,8 @@ class Reporter:
                 line += f", ETA {duration((self.total - batches) / rates['batches_per_second'])}"
             line += ")"
         self.log(line)
+        if kind == "training":
+            self._tick = time.perf_counter()  # the report's own time (a reduction, the files) is not training
 
     def _tensorboard(self, tag: str, value: Any, step: int) -> None:
         if isinstance(value, list):  # non-scalar: one scalar per element
