@@ -130,11 +130,15 @@ def tier_of(item):
     return own[0] if own else None
 
 
+_tier_by_test = {}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if tier_of(item) is None:
             folder = os.path.basename(os.path.dirname(str(item.fspath)))
             item.add_marker(getattr(pytest.mark, FOLDER_TIER.get(folder, "integration")))
+        _tier_by_test[item.nodeid] = tier_of(item)
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +157,7 @@ def _unit_tests_stay_in_one_process(request, monkeypatch):
 
 
 def pytest_runtest_logreport(report):
-    tier = next((t for t in TIERS if t in report.keywords), "integration")
+    tier = _tier_by_test.get(report.nodeid, "integration")  # (keywords hold folder names too: not those)
     seconds, count = _tier_seconds.get(tier, (0.0, 0))
     _tier_seconds[tier] = (seconds + report.duration, count + (report.when == "call"))
 
