@@ -14,6 +14,7 @@ import time
 
 import psutil
 import pytest
+import runner
 from conftest import GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_DEF, write_model_def
 from test_launchers import BIN, assert_no_rank_traceback, assert_ok, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, horovodrun, run_with_env, start_and_wait_for_training
@@ -56,12 +57,11 @@ STALL_IN_DATA = GOOD_DATA.replace(
 
 
 def harness(model_dir, output, *extra):
-    return [os.path.join(BIN, "harness"), str(model_dir), "--output", str(output), *extra]
+    return runner.training("local", 1, model_dir, output, *extra)
 
 
 def harness_launch(model_dir, output, *extra):
-    return [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", *extra,
-            str(model_dir), "--output", str(output)]  # fmt: skip
+    return runner.training("launch-gloo", 2, model_dir, output, *extra)
 
 
 def rank_pids(output):

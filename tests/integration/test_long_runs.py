@@ -13,7 +13,7 @@ import pytest
 import runner
 import torch
 from conftest import GOOD_MODEL_DEF, write_model_def
-from test_launchers import BIN, assert_ok, command, launch, reports
+from test_launchers import assert_ok, command, launch, reports
 
 # A model with dropout and momentum, shuffled data: exact resume must restore RNGs and optimizer state.
 # KILL_AT (env) makes rank 1 die with SIGKILL in that global batch, once (a marker file records it).
@@ -246,17 +246,7 @@ def test_sigterm_during_validation_abandons_it(launcher, model_dir, tmp_path):
 def test_launch_restarts_after_a_crash(model_dir, tmp_path):
     write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
     output = tmp_path / "out"
-    cmd = [
-        os.path.join(BIN, "harness"),
-        "launch",
-        "-np",
-        "2",
-        "--launcher",
-        "gloo",
-        str(model_dir),
-        "--output",
-        str(output),
-    ]
+    cmd = command("launch-gloo", 2, model_dir, output)
     proc, _ = run_with_env(cmd, {"CRASH_AT": "10", "MARKER": str(tmp_path / "crashed")}, timeout=180)
     assert_ok(proc)
     assert (
@@ -279,8 +269,7 @@ def test_launch_gives_up_after_max_restarts(model_dir, tmp_path):
 def test_launch_names_a_killed_rank_as_the_cause(model_dir, tmp_path):
     """Rank 1 is SIGKILLed: the cause is that rank, not the broken collective rank 0 then saw."""
     write_model_def(model_dir, model_def=RESUME_MODEL, config=RESUME_CONFIG)
-    cmd = [os.path.join(BIN, "harness"), "launch", "-np", "2", "--launcher", "gloo", "--max-restarts", "1",
-           str(model_dir), "--output", str(tmp_path / "out")]  # fmt: skip
+    cmd = command("launch-gloo", 2, model_dir, tmp_path / "out", "--max-restarts", "1")
     proc, _ = run_with_env(cmd, {"KILL_AT": "4", "MARKER": str(tmp_path / "killed")}, timeout=180)
     assert_ok(proc)
     line = next(x for x in proc.stdout.splitlines() if "harness launch: restart 1 of 1 after failure:" in x)

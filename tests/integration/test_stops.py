@@ -9,7 +9,7 @@ import time
 import pytest
 import runner
 from conftest import write_model_def
-from test_launchers import BIN, command, reports
+from test_launchers import command, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, sigterm_when_marked, start_and_wait_for_training
 
 from harness.output import checkpoint
@@ -48,7 +48,7 @@ def stop_line(output):
 def test_ctrl_c_in_one_process_checkpoints_and_exits_130(model_dir, tmp_path):
     write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
     output = tmp_path / "out"
-    cmd = [os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]
+    cmd = command("local", 1, model_dir, output)
     proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -94,8 +94,7 @@ def test_sigterm_to_horovodrun_mpi_leaves_no_rank(model_dir, tmp_path):
     """horovodrun --mpi becomes `sh -c mpirun ...`; SIGTERM ends that shell at once and mpirun lives on."""
     write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
     output = tmp_path / "out"
-    cmd = [os.path.join(BIN, "horovodrun"), "--mpi", "-np", "2", "-H", "localhost:2",
-           os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]  # fmt: skip
+    cmd = command("mpi", 2, model_dir, output)
     proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
     pids = rank_pids(output)
     proc.send_signal(signal.SIGTERM)
@@ -117,8 +116,7 @@ def test_sigterm_to_mpirun_leaves_no_rank(model_dir, tmp_path):
     """Plain mpirun forwards SIGTERM to the ranks and kills them 1 s later (odls_base_sigkill_timeout)."""
     write_model_def(model_dir, model_def=RESUME_MODEL, config=LONG)
     output = tmp_path / "out"
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "SLOW",
-           os.path.join(BIN, "harness"), str(model_dir), "--output", str(output)]  # fmt: skip
+    cmd = runner.training("mpirun", 2, model_dir, output, forward=("SLOW",))
     proc = start_and_wait_for_training(cmd, {"SLOW": "0.02"}, output)
     pids = rank_pids(output)
     proc.send_signal(signal.SIGTERM)
