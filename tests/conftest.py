@@ -141,6 +141,15 @@ def pytest_collection_modifyitems(config, items):
         _tier_by_test[item.nodeid] = tier_of(item)
 
 
+def pytest_sessionstart(session):
+    # Matplotlib builds its font cache on first use by running fc-list: done here, once, so that a unit
+    # test that draws (harness plot) stays in one process on a machine that never ran matplotlib.
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_stay_in_one_process(request, monkeypatch):
     """A unit test that starts a process is in the wrong tier: it fails, naming the command."""
