@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"harness: {took_over}", sys.stderr)
     watchdog.start(rank, cfg.stall_timeout, model_dir, lambda m, c: _fail(m, 1, c, output=args.output))
     threads = distributed.torch_threads()
+    os.environ["HARNESS_OUTPUT_DIR"] = os.path.abspath(args.output)  # for user code (TorchWriter)
     model_def = definition.load_for(model_dir, cfg)
 
     backend = distributed.init()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Type
 
-from harness.api.trial import PyTorchTrial, api_of
+from harness.api.context import ContextTrial
+from harness.api.trial import PyTorchTrial, api_of, is_trial_class
 from harness.errors import HarnessError, describe
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class ModelDefinition:
 
     directory: str
     trial_class: Type[PyTorchTrial]
-    make_data_loaders: Callable[..., Any]
+    make_data_loaders: Optional[Callable[..., Any]]  # None: the trial builds its loaders (Determined's)
     download_data: Optional[Callable[..., Any]]
     # PEDL's 3-argument forms (experiment_config, hparams, download_data_dir), told by the signature
     loaders_take_dir: bool = False
@@ -127,16 +128,17 @@ def _installed(module: ModuleType) -> bool:
 
 
 def _import_error_message(e: ImportError, path: str, where: str) -> str:
-    """An ImportError in user code; a name of PEDL's that the `pedl` package lacks is named as such."""
+    """An ImportError in user code; a name of PEDL's or Determined's that the harness's `pedl` or
+    `determined` package lacks is named as such."""
     module = e.name or ""
-    if module == "pedl" or module.startswith("pedl."):
-        import pedl
-
+    top = module.split(".")[0]
+    if top in ("pedl", "determined"):
+        package = importlib.import_module(top)  # the harness's own (harness/compat for determined)
         missing = re.search(r"cannot import name '([^']+)'", str(e))
         name = f"{module}.{missing.group(1)}" if missing else module
         return (
-            f"{where}: imports {name}, which this harness's pedl package does not provide "
-            f"(it provides {pedl.supported_list()})"
+            f"{where}: imports {name}, which this harness's {top} package does not provide "
+            f"(it provides {package.supported_list()})"
         )
     return f"cannot import {path}: {describe(e)} (at {where})"
 
@@ -156,7 +158,7 @@ def _find_trial(module: ModuleType, class_name: Optional[str], key: str = "entry
         cls = getattr(module, class_name, None)
         if cls is None:
             raise HarnessError(f"{where}: no class '{class_name}' (named by the config key '{key}')")
-        if not (inspect.isclass(cls) and issubclass(cls, PyTorchTrial)):
+        if not is_trial_class(cls):
             raise HarnessError(f"{where}: '{class_name}' is not a PyTorchTrial subclass")
         return cls
     candidates = _trial_classes(module)
@@ -173,11 +175,7 @@ def _find_trial(module: ModuleType, class_name: Optional[str], key: str = "entry
 
 def _trial_classes(module: ModuleType) -> List[Type[PyTorchTrial]]:
     """The module's PyTorchTrial subclasses: those it defines, else those it imports."""
-    found = [
-        obj
-        for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, PyTorchTrial) and obj is not PyTorchTrial
-    ]
+    found = [obj for obj in vars(module).values() if is_trial_class(obj)]
     local = [c for c in found if c.__module__ == module.__name__]
     return local or found
 
@@ -230,6 +228,20 @@ def load_for(model_def: str, config: ExperimentConfig) -> ModelDefinition:
     return load(model_def, config.entrypoint, config.entrypoints)
 
 
+COMPAT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat")
+
+
+def use_compat_packages() -> None:
+    """Make the harness's `determined` package the one model definitions import, ahead of a real
+    Determined installation (whose trials need its cluster); a module already imported is replaced."""
+    if sys.path[:1] != [COMPAT_DIR]:
+        sys.path[:] = [COMPAT_DIR] + [p for p in sys.path if p != COMPAT_DIR]
+    loaded = sys.modules.get("determined")
+    if loaded is not None and not (getattr(loaded, "__file__", "") or "").startswith(COMPAT_DIR):
+        for name in [m for m in sys.modules if m == "determined" or m.startswith("determined.")]:
+            del sys.modules[name]
+
+
 def load(
     directory: str, entrypoint: Optional[str] = None, entrypoints: Optional[EntrypointsConfig] = None
 ) -> ModelDefinition:
@@ -247,7 +259,9 @@ def load(
     loaders_key = getattr(entrypoints, "data_loaders_function", None)
     download_key = getattr(entrypoints, "download_data_function", None)
 
-    # Sibling modules (e.g. `from layers import Flatten`) are importable, as PEDL allowed.
+    # The harness's `determined` package (harness/compat) before any installed one; then sibling modules
+    # (e.g. `from layers import Flatten`) are importable, as PEDL allowed.
+    use_compat_packages()
     if directory not in sys.path:
         sys.path.insert(0, directory)
     package, class_name, key = None, None, "entrypoint"
@@ -268,6 +282,9 @@ def load(
             raise HarnessError(f"{directory}: no {main}.py (the model definition's main module)")
         trial_class = _find_trial(_import(directory, main), class_name, key)
     check_trial_class(trial_class)
+    if issubclass(trial_class, ContextTrial):  # Determined's: the trial builds its own loaders
+        return ModelDefinition(directory=directory, trial_class=trial_class, make_data_loaders=None,
+                               download_data=None)  # fmt: skip
 
     # The data functions: named by the config, exported by __init__.py, or in the main module or data.py.
     modules = [] if package is None else [package]

@@ -15,6 +15,10 @@ class HarnessError(Exception):
     exit_code = 2
 
 
+# In the one line of a trial that raised det.InvalidHP (harness/train): a search records it as invalid.
+INVALID_HP = "raised InvalidHP"
+
+
 class Interrupted(Exception):
     """A stop that is not a plain end of training: after Ctrl-C the process exits 130 (the ranks stopped
     at an agreed batch and checkpointed), after a stop before training its message says so."""

@@ -17,6 +17,7 @@ class StepMode(enum.Enum):
     STEP_EVERY_EPOCH = 1  # the harness calls scheduler.step() after every training epoch
     STEP_EVERY_BATCH = 2  # ... after every optimizer step
     MANUAL_STEP = 3  # never by the harness: the trial calls step() on this wrapper itself
+    STEP_EVERY_OPTIMIZER_STEP = 4  # Determined's name for after every optimizer step
 
 
 _Mode = StepMode  # for annotations inside LRScheduler, where `StepMode` names the class attribute
@@ -34,6 +35,7 @@ class LRScheduler:
         *,
         step_every_batch: bool = False,
         step_every_epoch: bool = False,
+        frequency: int = 1,
     ):
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
             raise HarnessError(f"LRScheduler() needs a torch LR scheduler, got a {type(scheduler).__name__}")
@@ -54,8 +56,11 @@ class LRScheduler:
                 f"LRScheduler(): step_mode {step_mode!r} is not one of LRScheduler.StepMode's "
                 "STEP_EVERY_EPOCH, STEP_EVERY_BATCH, MANUAL_STEP"
             )
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            raise HarnessError(f"LRScheduler(): frequency must be a positive integer, got {frequency!r}")
         self.scheduler = scheduler
         self.step_mode = step_mode
+        self.frequency = frequency  # Determined's: step the scheduler every `frequency` batches/epochs
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         """Step the scheduler; only in MANUAL_STEP mode (otherwise the harness steps it)."""

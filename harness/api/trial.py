@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from harness.api.context import ContextTrial
 from harness.errors import HarnessError
 
 Metrics = Dict[str, Any]  # name -> Tensor, ndarray or Python number (scalars or arrays)
@@ -117,6 +118,26 @@ APIS: Dict[str, List[Any]] = {
 }
 
 
+# Determined's API (harness/api/context.py): a trial made with a context, which builds its own loaders.
+CONTEXT_API = "context (Determined)"  # wrap_model/wrap_optimizer; train_batch steps through the context
+CONTEXT_MODEL_API = "context with build_model (Determined 0.12)"  # the harness runs backward and the step
+CONTEXT_NEEDS: List[Any] = [
+    "build_training_data_loader",
+    "build_validation_data_loader",
+    "train_batch",
+    ("evaluate_batch", "evaluate_full_dataset"),
+]
+
+
+def is_trial_class(obj: Any) -> bool:
+    """Whether `obj` is a trial class of any API (not one of the base classes themselves)."""
+    return (
+        inspect.isclass(obj)
+        and issubclass(obj, (PyTorchTrial, ContextTrial))
+        and obj not in (PyTorchTrial, ContextTrial)
+    )
+
+
 def _missing(cls: type, needs: List[Any]) -> List[str]:
     out = []
     for need in needs:
@@ -129,6 +150,8 @@ def _missing(cls: type, needs: List[Any]) -> List[str]:
 def api_of(cls: type) -> str:
     """The trial API `cls` completes (PEDL's later one wins if both are complete), or one error naming,
     per API, what is missing."""
+    if issubclass(cls, ContextTrial):
+        return _context_api(cls)
     missing = {api: _missing(cls, needs) for api, needs in APIS.items()}
     for api, lacks in missing.items():
         if not lacks:
@@ -140,6 +163,21 @@ def api_of(cls: type) -> str:
             return api
     parts = [f"the {api} API lacks {', '.join(lacks)}" for api, lacks in missing.items()]
     raise HarnessError(f"{_where(cls)}: class {cls.__name__} completes no trial API: {'; '.join(parts)}")
+
+
+def _context_api(cls: type) -> str:
+    old_form = defines(cls, "build_model") or defines(cls, "optimizer")
+    lacks = _missing(cls, CONTEXT_NEEDS + (list(COMMON) if old_form else []))
+    if lacks:
+        raise HarnessError(
+            f"{_where(cls)}: class {cls.__name__} (Determined's PyTorchTrial) lacks {', '.join(lacks)}"
+        )
+    if defines(cls, "evaluate_batch") and defines(cls, "evaluate_full_dataset"):
+        raise HarnessError(
+            f"{_where(cls)}: class {cls.__name__} defines both evaluate_batch() and "
+            "evaluate_full_dataset(); keep one"
+        )
+    return CONTEXT_MODEL_API if old_form else CONTEXT_API
 
 
 def _where(cls: type) -> str:

@@ -43,8 +43,10 @@ class Backend(Protocol):
         optimizer: torch.optim.Optimizer,
         model: torch.nn.Module,
         options: Optional[TrainingOptions] = None,
+        backward_passes: int = 1,
     ) -> torch.optim.Optimizer:
-        """The optimizer whose gradients are averaged over the ranks (aggregation, compression: `options`)."""
+        """The optimizer whose gradients are averaged over the ranks (aggregation, compression: `options`);
+        `backward_passes`: backward passes per batch (Determined's backward_passes_per_step)."""
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Rank 0's weights and buffers into every rank's model."""

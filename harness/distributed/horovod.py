@@ -66,6 +66,7 @@ class Horovod:
         optimizer: torch.optim.Optimizer,
         model: torch.nn.Module,
         options: Optional[TrainingOptions] = None,
+        backward_passes: int = 1,
     ) -> torch.optim.Optimizer:
         """hvd.DistributedOptimizer; with aggregation k it allreduces once every k backward passes
         (OptimizerStep calls synchronize() at the end of each window), with compression in fp16."""
@@ -73,7 +74,7 @@ class Horovod:
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
-            backward_passes_per_step=options.aggregation_frequency if options else 1,
+            backward_passes_per_step=(options.aggregation_frequency if options else 1) * backward_passes,
             compression=hvd.Compression.fp16
             if options and options.gradient_compression
             else hvd.Compression.none,

@@ -47,6 +47,7 @@ class Local:
         optimizer: torch.optim.Optimizer,
         model: torch.nn.Module,
         options: Optional[TrainingOptions] = None,
+        backward_passes: int = 1,
     ) -> torch.optim.Optimizer:
         return optimizer  # aggregation happens in OptimizerStep; compression has nothing to compress
 

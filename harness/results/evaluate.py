@@ -29,8 +29,7 @@ from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.errors import HarnessError, say
 from harness.output import checkpoint
-from harness.train import builders, resume, setup
-from harness.train.data import make_loaders
+from harness.train import resume, setup
 from harness.train.report import format_metrics
 
 
@@ -110,11 +109,11 @@ def _seed(cfg: config_mod.ExperimentConfig) -> int:
     return seed
 
 
-def _validation_loader(model_def: Any, cfg: config_mod.ExperimentConfig, backend: Backend) -> Any:
-    """make_data_loaders()'s validation loader, after download_data() ran once per machine."""
-    _, val_loader = make_loaders(model_def, cfg.as_dict(), cfg.hyperparameters, backend, cfg.download_timeout)
+def _validation_loader(parts: Any, cfg: config_mod.ExperimentConfig, backend: Backend) -> Any:
+    """The trial's validation loader (make_data_loaders()'s after download_data(), or the trial's own)."""
+    val_loader = setup.trial_validation_loader(parts, cfg, backend)
     if val_loader is None:
-        raise HarnessError("make_data_loaders() returned no validation loader (None): nothing to evaluate")
+        raise HarnessError("the model definition returned no validation loader (None): nothing to evaluate")
     return val_loader
 
 
@@ -131,9 +130,9 @@ def evaluate(model_def: Any, cfg: config_mod.ExperimentConfig, ckpt: str, backen
     device, options, adapter = parts.device, parts.options, parts.adapter
     optimizations.check_device(options, device)
     val_loader = adapter.validation_loader(
-        _validation_loader(model_def, cfg, backend), backend.rank, backend.size
+        _validation_loader(parts, cfg, backend), backend.rank, backend.size
     )
-    model = builders.build_model(parts.trial, model_def, cfg.hyperparameters).to(device)
+    model = setup.trial_model(parts, cfg.hyperparameters).to(device)
     problem = None
     if backend.rank == 0:  # rank 0 reads the weights; every rank learns whether they fit
         try:
@@ -197,11 +196,11 @@ def _load(
     cfg, _ = effective_config(directory, None, ckpt, state)
     model_def = definition.load_for(directory, cfg)
     parts = setup.start_trial(model_def, cfg, distributed.Local(), _seed(cfg))
-    model = builders.build_model(parts.trial, model_def, cfg.hyperparameters)
+    model = setup.trial_model(parts, cfg.hyperparameters)
     _fit(model, load_weights(ckpt), ckpt, model_def.directory)
     model.to(device).eval()
     return SimpleNamespace(
-        trial=parts.trial, model=model, adapter=parts.adapter, model_def=model_def, cfg=cfg
+        trial=parts.trial, model=model, adapter=parts.adapter, model_def=model_def, cfg=cfg, parts=parts
     )
 
 
@@ -216,7 +215,7 @@ def load_trial(checkpoint_dir: str, model_dir: Optional[str] = None, device: Any
 
 def _first_input(loaded: SimpleNamespace) -> Any:
     """The model's input in the first validation batch, as the adapter prepares it (on the CPU)."""
-    loader = _validation_loader(loaded.model_def, loaded.cfg, distributed.Local())
+    loader = _validation_loader(loaded.parts, loaded.cfg, distributed.Local())
     where = "validation batch 1"
     batch, _ = loaded.adapter.prepare(next(iter(loader)), torch.device("cpu"), where, False)
     if loaded.adapter.api == LOSSES_API or (isinstance(batch, (tuple, list)) and len(batch) == 2):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
-from harness.errors import HarnessError, describe
+from harness.errors import INVALID_HP, HarnessError, describe
 from harness.search import results as search_results
 from harness.search import study as search_study
 from harness.search.space import SearchSpec, parse_search
@@ -259,7 +259,13 @@ class Search:
             error = f"no validation reported searcher.metric '{self.spec.metric}'"
         error = error or f"exited with status {rc}"
         search_study.set_user_attr(study, number, search_study.ERROR, error)
+        invalid = INVALID_HP in error  # det.InvalidHP: these hyperparameters cannot work; the search goes on
+        if invalid:
+            search_study.set_user_attr(study, number, "invalid", True)
         _tell(study, number, state=TrialState.FAIL)
+        if invalid:
+            self.say(number, f"invalid hyperparameters: {error}")
+            return
         self.say(number, f"failed: {error}")
         # A failure can be the hyperparameters' (the search goes on); the same one in the first trials,
         # before any trial got through, is the model definition's: the search stops.

@@ -15,7 +15,15 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from harness import distributed
-from harness.api.trial import BATCH_API, LOSSES_API, PyTorchTrial, api_of, defines
+from harness.api.trial import (
+    BATCH_API,
+    CONTEXT_API,
+    CONTEXT_MODEL_API,
+    LOSSES_API,
+    PyTorchTrial,
+    api_of,
+    defines,
+)
 from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.distributed.preemption import StopRequested
@@ -25,8 +33,17 @@ from harness.train.metrics import MetricAccumulator
 from harness.train.sharding import shard_validation_loader
 
 
-def make_adapter(trial: Any) -> TrialAdapter:
+def make_adapter(trial: Any, context: Any = None) -> TrialAdapter:
+    """The adapter of the trial's API (`context`: the context a Determined-style trial was made with)."""
     api = api_of(type(trial))
+    if api == CONTEXT_API:
+        from harness.train.context_adapter import ContextAdapter
+
+        return ContextAdapter(trial, context)
+    if api == CONTEXT_MODEL_API and not defines(type(trial), "evaluate_full_dataset"):
+        from harness.train.context_adapter import ContextModelAdapter
+
+        return ContextModelAdapter(trial, context)
     if api == LOSSES_API:
         return LossesAdapter(trial)
     if defines(type(trial), "evaluate_full_dataset"):
@@ -79,8 +96,9 @@ class TrialAdapter(abc.ABC):
     @abc.abstractmethod
     def train_step(
         self, batch: Any, model: torch.nn.Module, epoch_idx: int, batch_idx: int, where: str
-    ) -> Tuple[torch.Tensor, Optional[Dict[str, Any]]]:
-        """The loss to minimise and, if any, other training metrics of this batch."""
+    ) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, Any]]]:
+        """The loss to minimise and, if any, other training metrics of this batch (no loss: a trial that
+        stepped its optimizers itself and returned no "loss" entry)."""
 
     def validation_loader(self, loader: Any, rank: int, size: int) -> Any:
         """The validation loader this rank iterates (by default its unpadded shard)."""
@@ -198,6 +216,9 @@ class FullDatasetAdapter(BatchAdapter):
             )
         return loader  # unsharded: the trial's code must see every record, once
 
+    def run_full_dataset(self, loader: Any, model: torch.nn.Module) -> Any:
+        return self.trial.evaluate_full_dataset(loader, model)
+
     def evaluate(
         self, model: torch.nn.Module, loader: Any, device: torch.device, backend: Backend, stop: Any = None
     ) -> Optional[Dict]:
@@ -205,7 +226,7 @@ class FullDatasetAdapter(BatchAdapter):
             model.eval()
             interruptible = stop.interruptible() if stop is not None else contextlib.nullcontext()
             with torch.no_grad(), interruptible:
-                result = self.trial.evaluate_full_dataset(loader, model)
+                result = self.run_full_dataset(loader, model)
             model.train()
             metrics = MetricAccumulator(device, self.validation_source)
             metrics.add(result)  # checks the values; plain numbers for every rank

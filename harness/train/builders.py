@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from harness.api.context import InvalidHP
 from harness.api.lr_scheduler import LRScheduler
 from harness.api.trial import defines
 from harness.definition import ModelDefinition, positional_arity, user_frame
@@ -24,8 +25,19 @@ def call_user(fn: Any, model_def: ModelDefinition, what: str, *args: Any) -> Any
         raise HarnessError(f"{what} raised {describe(e)}" + (f" (at {where})" if where else "")) from e
 
 
-def make_trial(model_def: ModelDefinition, hparams: Dict[str, Any]) -> Any:
+def make_trial(model_def: ModelDefinition, hparams: Dict[str, Any], context: Any = None) -> Any:
+    """The trial: ``cls(context)`` for Determined's API, ``cls(hparams)`` or ``cls()`` for PEDL's."""
     cls = model_def.trial_class
+    if context is not None:
+        try:
+            return call_user(cls, model_def, f"{cls.__name__}(context)", context)
+        except HarnessError as e:
+            if isinstance(e.__cause__, InvalidHP):
+                raise HarnessError(
+                    f"{cls.__name__}(context) raised InvalidHP: {e.__cause__ or 'no message'}; the trial "
+                    "ends as invalid"
+                ) from e.__cause__
+            raise
     takes_hparams = cls.__init__ is not object.__init__ and positional_arity(cls.__init__) > 1
     args = (hparams,) if takes_hparams else ()
     return call_user(cls, model_def, f"{cls.__name__}()", *args)

@@ -13,13 +13,15 @@ at any number of ranks. `end_epoch()` steps an epoch-wise LR scheduler.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 
 from harness.api.lr_scheduler import LRScheduler, StepMode
 from harness.config.optimizations import TrainingOptions
 from harness.errors import HarnessError
+
+_EVERY_STEP = (StepMode.STEP_EVERY_BATCH, StepMode.STEP_EVERY_OPTIMIZER_STEP)  # PEDL's trials: the same
 
 
 class OptimizerStep:
@@ -29,18 +31,23 @@ class OptimizerStep:
         scheduler: Optional[LRScheduler] = None,
         options: Optional[TrainingOptions] = None,
         device: Optional[torch.device] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
     ):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.options = options = options or TrainingOptions()
         self.k = options.aggregation_frequency
-        self._every_batch = scheduler is not None and scheduler.step_mode is StepMode.STEP_EVERY_BATCH
+        self._every_batch = scheduler is not None and scheduler.step_mode in _EVERY_STEP
         self._every_epoch = scheduler is not None and scheduler.step_mode is StepMode.STEP_EVERY_EPOCH
         self._used_lrs: Optional[List[float]] = None
         # Horovod's DistributedOptimizer: gradients are allreduced by its hooks; we synchronize explicitly.
         self._horovod = hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
         self._device_type = device_type = (device or torch.device("cpu")).type
-        self.scaler = torch.amp.GradScaler(device_type) if options.precision == "fp16" else None
+        # The context API shares one scaler among its optimizers and updates it once per batch (`scaler`).
+        self._own_scaler = scaler is None
+        if scaler is None and options.precision == "fp16":
+            scaler = torch.amp.GradScaler(device_type)
+        self.scaler = scaler
         self.pending = 0  # batches whose gradients are accumulated but not yet applied
         # Optimizer steps the GradScaler skipped (inf/NaN gradients), counted on the device: reading the
         # scale as a number every step would make the CPU wait for the GPU before queueing the next batch.
@@ -54,14 +61,18 @@ class OptimizerStep:
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward for this batch; the optimizer steps when the aggregation window is complete."""
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        self.backward(loss)
         self.pending += 1
         if self.pending < self.k:
             return
-        self._apply()
+        self.apply()
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """The backward pass of `loss`, scaled under fp16 (`kwargs`: those of ``Tensor.backward``)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward(**kwargs)
+        else:
+            loss.backward(**kwargs)
 
     def ends_window(self) -> bool:
         """Whether the next `step` ends an aggregation window (always, without aggregation)."""
@@ -70,7 +81,11 @@ class OptimizerStep:
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _apply(self) -> None:
+    def apply(
+        self, clip: Optional[Callable[[List[torch.Tensor]], None]] = None, zero_grads: bool = True
+    ) -> None:
+        """The end of a window: synchronize, unscale, average over the window, clip (`clip`, else the
+        config's clipping), step, zero the gradients (unless `zero_grads` is False)."""
         opt, scaler = self.optimizer, self.scaler
         if self._horovod:
             opt.synchronize()  # type: ignore[attr-defined]
@@ -80,7 +95,9 @@ class OptimizerStep:
             for p in self._params():
                 if p.grad is not None:
                     p.grad.div_(self.k)
-        if self.options.clip_grad_l2_norm is not None:
+        if clip is not None:
+            clip(self._params())
+        elif self.options.clip_grad_l2_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._params(), self.options.clip_grad_l2_norm)
         elif self.options.clip_grad_val is not None:
             torch.nn.utils.clip_grad_value_(self._params(), self.options.clip_grad_val)
@@ -89,17 +106,24 @@ class OptimizerStep:
                 scaler.step(opt)
             else:
                 opt.step()
+        if self._own_scaler:
+            self.update_scaler()
+        if zero_grads:
+            opt.zero_grad()
+        self.pending = 0
+        if self._every_batch:
+            self._used_lrs = [g["lr"] for g in opt.param_groups]
+            self.scheduler.scheduler.step()  # type: ignore[union-attr]
+
+    def update_scaler(self) -> None:
+        """The loss scaler's update after a step (once per batch, however many optimizers stepped)."""
+        scaler = self.scaler
         if scaler is not None and scaler._scale is not None:  # the device tensor (get_scale() would sync)
             before = scaler._scale.clone()
             scaler.update()
             after = scaler._scale
             if after is not None:
                 self._skipped += after < before  # the scale backs off exactly after a skipped step
-        opt.zero_grad()
-        self.pending = 0
-        if self._every_batch:
-            self._used_lrs = [g["lr"] for g in opt.param_groups]
-            self.scheduler.scheduler.step()  # type: ignore[union-attr]
 
     def end_epoch(self) -> None:
         if self._every_epoch:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from harness.api import trial as trial_api
+from harness.api.context import ContextTrial
 from harness.config import ExperimentConfig, optimizations
 from harness.config.optimizations import TrainingOptions
 from harness.definition import ModelDefinition
@@ -21,6 +22,8 @@ from harness.distributed.backend import Backend
 from harness.errors import HarnessError
 from harness.train import builders
 from harness.train.adapters import TrialAdapter, make_adapter
+from harness.train.context import Context
+from harness.train.context_adapter import ContextAdapter, build_loaders
 from harness.train.data import make_loaders
 from harness.train.optimizer_step import OptimizerStep
 from harness.train.sharding import ResumableDistributedSampler, shard_training_loader
@@ -46,8 +49,14 @@ def start_trial(
     options = config.training_options
     trial_api._set_context(config.hyperparameters, None, config.as_dict(), seed)
     seed_everything(seed)
-    trial = builders.make_trial(model_def, config.hyperparameters)
-    return TrialParts(model_def, trial, make_adapter(trial), device, options)
+    context = None
+    if issubclass(model_def.trial_class, ContextTrial):  # Determined's: made with a context
+        context = Context(config, backend, device, options, seed)
+    trial = builders.make_trial(model_def, config.hyperparameters, context)
+    adapter = make_adapter(trial, context)
+    if isinstance(adapter, ContextAdapter):
+        context.freeze()  # type: ignore[union-attr]  # what __init__ wrapped is what trains
+    return TrialParts(model_def, trial, adapter, device, options)
 
 
 @dataclass
@@ -61,7 +70,7 @@ class Training:
     val_loader: Any  # sharded for the trial's API; None: training without validation
     model: torch.nn.Module
     optimizer: Any  # the backend's wrapper of the trial's optimizer
-    step: OptimizerStep
+    step: Any  # OptimizerStep; ContextStep for Determined's context trials
 
     @property
     def per_rank_batch(self) -> int:
@@ -76,9 +85,14 @@ def build_training(
     optimizations.check_device(parts.options, parts.device)
     hparams = config.hyperparameters
     global_batch = builders.global_batch_size(parts.trial, model_def, hparams, backend.size)
-    train_loader, val_loader = make_loaders(
-        model_def, config.as_dict(), hparams, backend, config.download_timeout, stop
-    )
+    if model_def.make_data_loaders is None:  # Determined's trials build their own loaders
+        train_loader, val_loader = build_loaders(
+            parts.trial, lambda fn, what: builders.call_user(fn, model_def, what)
+        )
+    else:
+        train_loader, val_loader = make_loaders(
+            model_def, config.as_dict(), hparams, backend, config.download_timeout, stop
+        )
     train_loader, sampler = shard_training_loader(
         train_loader, global_batch // backend.size, backend.rank, backend.size, seed
     )
@@ -89,6 +103,20 @@ def build_training(
             f"config key 'searcher.metric' names '{config.searcher.metric}', but make_data_loaders() "
             "returned no validation loader (None); remove searcher.metric or return one"
         )
+    adapter = parts.adapter
+    if isinstance(adapter, ContextAdapter):  # the trial's __init__ wrapped its models and optimizers
+        context_step = adapter.start(len(train_loader))
+        model = adapter.context.model()
+        return Training(
+            parts,
+            global_batch,
+            train_loader,
+            sampler,
+            val_loader,
+            model,
+            context_step.optimizer,
+            context_step,
+        )
     # Built on every rank from the same seed; rank 0's state is broadcast (after a resume restored it).
     model = builders.build_model(parts.trial, model_def, hparams).to(parts.device)
     optimizer = backend.wrap_optimizer(
@@ -97,6 +125,27 @@ def build_training(
     scheduler = builders.build_lr_scheduler(parts.trial, model_def, optimizer)
     step = OptimizerStep(optimizer, scheduler, parts.options, parts.device)
     return Training(parts, global_batch, train_loader, sampler, val_loader, model, optimizer, step)
+
+
+def trial_model(parts: TrialParts, hparams: Dict[str, Any]) -> torch.nn.Module:
+    """The trial's model as training checkpoints it: built by build_model(), or what the trial's
+    __init__ wrapped (several models: one ModuleList)."""
+    if isinstance(parts.adapter, ContextAdapter):
+        return parts.adapter.context.model()
+    return builders.build_model(parts.trial, parts.model_def, hparams)
+
+
+def trial_validation_loader(parts: TrialParts, config: ExperimentConfig, backend: Backend) -> Any:
+    """The unsharded validation loader: the trial's own, or make_data_loaders()'s after download_data()."""
+    model_def = parts.model_def
+    if model_def.make_data_loaders is None:
+        return builders.call_user(
+            parts.trial.build_validation_data_loader, model_def, "build_validation_data_loader()"
+        )
+    _, val_loader = make_loaders(
+        model_def, config.as_dict(), config.hyperparameters, backend, config.download_timeout
+    )
+    return val_loader
 
 
 def pick_device(backend: Backend) -> torch.device:

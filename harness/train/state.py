@@ -112,8 +112,9 @@ class TrainingMetrics:
         self.losses: List[torch.Tensor] = []
         self.start = batches  # the batch number before the first entry of `losses`
 
-    def add(self, loss: torch.Tensor, metrics: Optional[Dict[str, Any]]) -> None:
-        self.losses.append(loss.detach().float())
+    def add(self, loss: Optional[torch.Tensor], metrics: Optional[Dict[str, Any]]) -> None:
+        if loss is not None:  # None: a trial whose train_batch returned metrics without "loss"
+            self.losses.append(loss.detach().float())
         if metrics:
             self.acc.add(metrics)
 

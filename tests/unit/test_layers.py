@@ -17,6 +17,7 @@ PACKAGE = os.path.join(ROOT, "harness")
 ALLOWED = {
     "errors": set(),
     "api": {"errors"},
+    "compat": {"errors", "api"},
     "config": {"errors"},
     "output": {"errors"},
     "distributed": {"errors", "config"},
