@@ -289,7 +289,8 @@ class Context(PyTorchTrialContext):
         return self.models[0] if len(self.models) == 1 else nn.ModuleList(self.models)
 
     def reduce_metrics(self, for_validation: bool) -> Dict[str, Any]:
-        """Every wrapped reducer's metric (a collective: each rank's per_slot_reduce reaches every rank)."""
+        """Every wrapped reducer's metric as plain numbers (a collective: each rank's per_slot_reduce
+        reaches every rank)."""
         chosen = [(n, r) for n, (r, t, v) in self.reducers.items() if (v if for_validation else t)]
         if not chosen:
             return {}
@@ -297,7 +298,7 @@ class Context(PyTorchTrialContext):
         everyone = self.backend.allgather_object(mine)
         out: Dict[str, Any] = {}
         for i, (name, reducer) in enumerate(chosen):
-            value = reducer.cross_slot_reduce([theirs[i] for theirs in everyone])
+            value = _numbers(reducer.cross_slot_reduce([theirs[i] for theirs in everyone]))
             reducer.reset()
             if isinstance(value, dict):
                 out.update(value)
@@ -309,6 +310,19 @@ class Context(PyTorchTrialContext):
         for reducer, t, v in self.reducers.values():
             if v if for_validation else t:
                 reducer.reset()
+
+
+def _numbers(value: Any) -> Any:
+    """A reducer's result as plain numbers (tensors and ndarrays become floats or lists)."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.tolist()
+    if hasattr(value, "tolist"):  # numpy
+        return value.tolist()
+    return value
 
 
 class _Experimental:

@@ -50,19 +50,6 @@ def _evaluate_args(trial: Any) -> str:
     return "model" if len(params) >= 2 else ""
 
 
-def _numbers(value: Any) -> Any:
-    """A reducer's result as plain numbers (tensors and ndarrays become floats or lists)."""
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_numbers(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.dim() == 0 else value.tolist()
-    if hasattr(value, "tolist"):  # numpy
-        return value.tolist()
-    return value
-
-
 class _Callbacks:
     """The trial's callbacks, called on every rank at Determined's points."""
 
@@ -164,7 +151,7 @@ class ContextAdapter(FullDatasetAdapter):
             result = BatchAdapter.evaluate(self, model, loader, device, backend, stop)
         if result is None:
             return None
-        result.update(_numbers(self.context.reduce_metrics(for_validation=True)))
+        result.update(self.context.reduce_metrics(for_validation=True))
         self.callbacks.call("on_validation_end", result)
         return result
 
