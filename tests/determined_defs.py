@@ -144,7 +144,9 @@ class Trial(PyTorchTrial):
             open(marker, "w").close()  # once: the resumed run goes on
             os.kill(os.getpid(), signal.SIGKILL)
         data, labels = batch
-        loss_a = nn.functional.cross_entropy(self.a(nn.functional.dropout(data, 0.2)), labels)
+        output_a = self.a(nn.functional.dropout(data, 0.2))
+        self.hits.update(output_a, labels)  # a training metric too (for_training defaults to True)
+        loss_a = nn.functional.cross_entropy(output_a, labels)
         self.context.backward(loss_a)
         self.context.step_optimizer(self.opt_a)
         loss_b = nn.functional.cross_entropy(self.b(data), labels)

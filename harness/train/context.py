@@ -288,17 +288,26 @@ class Context(PyTorchTrialContext):
         """The one module that is broadcast, checkpointed and exported: the model, or all of them."""
         return self.models[0] if len(self.models) == 1 else nn.ModuleList(self.models)
 
-    def reduce_metrics(self, for_validation: bool) -> Dict[str, Any]:
-        """Every wrapped reducer's metric as plain numbers (a collective: each rank's per_slot_reduce
-        reaches every rank)."""
-        chosen = [(n, r) for n, (r, t, v) in self.reducers.items() if (v if for_validation else t)]
+    def _chosen(self, for_validation: bool) -> List[Any]:
+        return [(n, r) for n, (r, t, v) in self.reducers.items() if (v if for_validation else t)]
+
+    def gather_slots(self, for_validation: bool) -> Dict[str, List[Any]]:
+        """Every rank's per_slot_reduce() of each reducer, in rank order (a collective)."""
+        chosen = self._chosen(for_validation)
         if not chosen:
             return {}
-        mine = [r.per_slot_reduce() for _, r in chosen]
-        everyone = self.backend.allgather_object(mine)
+        everyone = self.backend.allgather_object([r.per_slot_reduce() for _, r in chosen])
+        return {name: [theirs[i] for theirs in everyone] for i, (name, _) in enumerate(chosen)}
+
+    def reduce_metrics(
+        self, for_validation: bool, carried: Optional[Dict[str, List[Any]]] = None
+    ) -> Dict[str, Any]:
+        """Every wrapped reducer's metric as plain numbers (a collective); `carried`: per-slot results of
+        the same window from before a resume, reduced with this run's."""
+        slots = self.gather_slots(for_validation)
         out: Dict[str, Any] = {}
-        for i, (name, reducer) in enumerate(chosen):
-            value = _numbers(reducer.cross_slot_reduce([theirs[i] for theirs in everyone]))
+        for name, reducer in self._chosen(for_validation):
+            value = _numbers(reducer.cross_slot_reduce((carried or {}).get(name, []) + slots[name]))
             reducer.reset()
             if isinstance(value, dict):
                 out.update(value)

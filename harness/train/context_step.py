@@ -32,6 +32,10 @@ class ContextStep:
         self.batches_per_epoch = batches_per_epoch
         context.window_ends = self.k == 1
         self.optimizer = Optimizers([s.optimizer for s in self.steps])
+        # Training reducers' per-slot results of the unreported window: taken at a checkpoint (`window`),
+        # and after a resume reduced with the next report (`carried`).
+        self.window: Dict[str, List[Any]] = {}
+        self.carried: Dict[str, List[Any]] = {}
         for s in self.steps:
             s.optimizer.zero_grad()
 
@@ -74,13 +78,21 @@ class ContextStep:
 
     def report(self) -> Dict[str, Any]:
         out = self.steps[0].report()
+        out.update(self.context.reduce_metrics(False, self.carried))  # a collective: every rank reports
+        self.carried = {}
         if self.context.schedulers:
             lrs = [float(g["lr"]) for g in self.steps[0].optimizer.param_groups]
             out["lr"] = lrs[0] if len(lrs) == 1 else lrs
         return out
 
+    def prepare_checkpoint(self) -> None:
+        """On every rank before a checkpoint: the training reducers' window so far (a collective)."""
+        self.window = self.context.gather_slots(for_validation=False)
+
     def state_dict(self) -> Dict[str, Any]:
+        window = {name: self.carried.get(name, []) + slots for name, slots in self.window.items()}
         state: Dict[str, Any] = {
+            "reducer_window": window,
             "pending": self.pending,
             "k": self.k,
             "batches": self.batches,
@@ -119,6 +131,7 @@ class ContextStep:
             step0._skipped_reported = int(state.get("skipped", 0))
             step0._skipped.fill_(step0._skipped_reported)
         self.batches, self.epochs = int(state.get("batches", 0)), int(state.get("epochs", 0))
+        self.carried = dict(state.get("reducer_window") or {})
         pending = int(state.get("pending", 0))
         if pending:
             if gradients is None or state.get("k") != self.k:

@@ -167,6 +167,9 @@ class OptimizerStep:
             state["skipped"] = self.skipped
         return state
 
+    def prepare_checkpoint(self) -> None:
+        """On every rank before a checkpoint (nothing to gather here; the context API's step has)."""
+
     def local_gradients(self) -> Optional[List[Optional[torch.Tensor]]]:
         """This rank's gradients accumulated in an unfinished aggregation window (None between windows): a
         checkpoint in mid-window keeps every rank's, so that the resumed window ends exactly the same."""

@@ -267,6 +267,7 @@ class RunState:
         backend, progress, cfg = self.backend, self.progress, self.config
         # Every rank's RNG (now and at this epoch's start) and, in mid aggregation window, its gradients.
         rngs = backend.allgather_object({**self.data.state_dict(), "grads": self.step.local_gradients()})
+        self.step.prepare_checkpoint()  # what the step gathers from every rank (the context API's reducers)
         window = self.metrics.state_dict(backend, progress.batches)
         path = None
         if backend.rank == 0:

@@ -121,6 +121,7 @@ def test_two_models_two_optimizers_schedulers_callbacks_and_a_reducer(tmp_path):
     assert result["exact_accuracy"] == pytest.approx(result["accuracy"], rel=1e-9)  # both exact over 100
     training = reports(tmp_path / "out", "training")
     assert {"loss_a", "loss_b"} <= set(training[0]["metrics"]) and "loss" not in training[0]["metrics"]
+    assert all(0 <= e["metrics"]["exact_accuracy"] <= 1 for e in training)  # the reducer, per report window
     loaded = checkpoint.load_newest_valid(str(tmp_path / "out" / "checkpoints"))
     ckpt = loaded.path
     assert set(loaded.optimizer) == {"optimizers"} and len(loaded.optimizer["optimizers"]) == 2
