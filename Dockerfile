@@ -118,7 +118,8 @@ COPY --from=harness-wheel /wheels/ /tmp/wheels/
 RUN /opt/harness/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
  && /opt/harness/venv/bin/python -m pip check \
- && /opt/harness/venv/bin/python -c "import horovod.torch, harness" \
+ && /opt/harness/venv/bin/python -m harness.compat \
+ && /opt/harness/venv/bin/python -c "import horovod.torch, harness, determined.pytorch" \
  && /opt/harness/venv/bin/harness --help > /dev/null
 COPY deploy/ssh/sshd_config /etc/ssh/harness_sshd_config
 COPY deploy/ssh/ssh_config /etc/ssh/ssh_config.d/harness.conf

@@ -22,7 +22,7 @@ import sysconfig
 import traceback
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple, Type
 
 from harness.api.context import ContextTrial
 from harness.api.trial import PyTorchTrial, api_of, is_trial_class
@@ -49,6 +49,8 @@ class ModelDefinition:
     # PEDL's 3-argument forms (experiment_config, hparams, download_data_dir), told by the signature
     loaders_take_dir: bool = False
     download_takes_dir: bool = False
+    # A Trainer script's trial and context, made by the script (harness/trainer.py): used as they are.
+    prebuilt: Optional[Tuple[Any, Any]] = None
 
 
 def user_frame(tb: Any, directory: str) -> Optional[str]:

@@ -96,6 +96,9 @@ print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
   "${PIP[@]}" install "${deps[@]}"
 fi
 
+# `import determined` in scripts run with python (Determined's Trainer scripts): harness/compat on sys.path.
+[ "$HARNESS_INSTALL" = none ] || "$VENV/bin/python" -m harness.compat > /dev/null
+
 check="$("$VENV/bin/horovodrun" --check-build)"
 for fw in "${CHECK_BUILD[@]}"; do
   grep -q "\[X\] $fw" <<< "$check" || die "horovodrun --check-build does not list $fw"

@@ -303,9 +303,30 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 
 def _check_entrypoint(key: str, value: Optional[str], form: str) -> None:
+    if key == "entrypoint" and isinstance(value, str) and len(value.split()) > 1:
+        raise HarnessError(_command_entrypoint(value))
     module, _, name = (value or "").partition(":")
     if value is not None and not (_dotted_name(module) and name.isidentifier()):
         raise HarnessError(f"config key '{key}': expected '{form}', got {value!r}")
+
+
+def _command_entrypoint(value: str) -> str:
+    """Determined's command entrypoints (0.21+): a Trainer script, or a launch layer around a trial class."""
+    words = value.split()
+    trial = next((w for w in reversed(words) if ":" in w and _dotted_name(w.partition(":")[0])), None)
+    if "determined.launch.horovod" in words or "determined.launch.torch_distributed" in words:
+        if trial:
+            return (
+                f"config key 'entrypoint' is a command ({value!r}) around the trial class {trial}: run it "
+                f"with `harness launch -np N MODEL_DIR --config FILE`, the config's entrypoint set to {trial}"
+            )
+    script = next((w for w in words if w.endswith(".py")), None)
+    if script:
+        return (
+            f"config key 'entrypoint' is a command ({value!r}): a Determined Trainer script; run it "
+            f"as it is with `python {script}` (or `horovodrun -np N python {script}`), not with harness"
+        )
+    return f"config key 'entrypoint': expected 'module:Class' or a Determined command, got {value!r}"
 
 
 def _dotted_name(text: str) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from harness.api import trial as trial_api
 from harness.api.context import ContextTrial
+from harness.api.trial import defines
 from harness.config import ExperimentConfig, optimizations
 from harness.config.optimizations import TrainingOptions
 from harness.definition import ModelDefinition
@@ -50,6 +51,12 @@ def start_trial(
     trial_api._set_context(config.hyperparameters, None, config.as_dict(), seed)
     seed_everything(seed)
     context = None
+    if model_def.prebuilt is not None:  # a Trainer script made them (harness/trainer.py)
+        trial, context = model_def.prebuilt
+        context.seed = seed
+        adapter = make_adapter(trial, context)
+        context.freeze()
+        return TrialParts(model_def, trial, adapter, context.device, options)
     if issubclass(model_def.trial_class, ContextTrial):  # Determined's: made with a context
         context = Context(config, backend, device, options, seed)
     trial = builders.make_trial(model_def, config.hyperparameters, context)
@@ -84,12 +91,13 @@ def build_training(
     parts = start_trial(model_def, config, backend, seed)
     optimizations.check_device(parts.options, parts.device)
     hparams = config.hyperparameters
-    global_batch = builders.global_batch_size(parts.trial, model_def, hparams, backend.size)
     if model_def.make_data_loaders is None:  # Determined's trials build their own loaders
         train_loader, val_loader = build_loaders(
             parts.trial, lambda fn, what: builders.call_user(fn, model_def, what)
         )
+        global_batch = context_global_batch(parts.trial, model_def, hparams, backend.size, train_loader)
     else:
+        global_batch = builders.global_batch_size(parts.trial, model_def, hparams, backend.size)
         train_loader, val_loader = make_loaders(
             model_def, config.as_dict(), hparams, backend, config.download_timeout, stop
         )
@@ -125,6 +133,22 @@ def build_training(
     scheduler = builders.build_lr_scheduler(parts.trial, model_def, optimizer)
     step = OptimizerStep(optimizer, scheduler, parts.options, parts.device)
     return Training(parts, global_batch, train_loader, sampler, val_loader, model, optimizer, step)
+
+
+def context_global_batch(
+    trial: Any, model_def: ModelDefinition, hparams: Dict[str, Any], ranks: int, train_loader: Any
+) -> int:
+    """A Determined trial's global batch: the hyperparameter global_batch_size, else (Trainer scripts
+    may leave it out) the training loader's batch size on every rank."""
+    if "global_batch_size" in hparams or defines(type(trial), "batch_size"):
+        return builders.global_batch_size(trial, model_def, hparams, ranks)
+    per_rank = getattr(train_loader, "batch_size", None)
+    if isinstance(per_rank, bool) or not isinstance(per_rank, int) or per_rank <= 0:
+        raise HarnessError(
+            "no global batch size: set the hyperparameter global_batch_size, or give the training loader "
+            "a batch_size"
+        )
+    return per_rank * ranks
 
 
 def trial_model(parts: TrialParts, hparams: Dict[str, Any]) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import runner
 from conftest import SAMPLES, write_model_def
 from determined_defs import CONTEXT_DEF, GAN_DEF
-from test_launchers import LAUNCHERS, assert_ok, launch, reports
+from test_launchers import LAUNCHERS, assert_no_rank_traceback, assert_ok, launch, reports
 from test_long_runs import RESUME_CONFIG, kill_and_resume_matches_straight
 
 SAMPLE = os.path.join(SAMPLES, "determined_digits")
@@ -85,3 +85,79 @@ def test_invalid_hp_in_a_search_is_recorded_and_the_search_goes_on(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "invalid hyperparameters:" in proc.stdout and "raised InvalidHP: lr above 1" in proc.stdout
     assert proc.stdout.count("completed: best accuracy") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer scripts (0.21+): `python train.py`, alone and under the launchers
+
+TRAINER_SAMPLE = os.path.join(SAMPLES, "determined_trainer")
+
+
+def trainer_script(tmp_path, old="", new=""):
+    """The sample's train.py and const.yaml in a folder of their own, with a fixed experiment seed."""
+    folder = tmp_path / "script"
+    folder.mkdir(exist_ok=True)
+    with open(os.path.join(TRAINER_SAMPLE, "train.py")) as f:
+        text = f.read().replace(
+            "pytorch.init()", 'pytorch.init(exp_conf={"reproducibility": {"experiment_seed": 3}})'
+        )
+    assert old in text
+    (folder / "train.py").write_text(text.replace(old, new))
+    with open(os.path.join(TRAINER_SAMPLE, "const.yaml")) as f:
+        (folder / "const.yaml").write_text(f.read())
+    return folder / "train.py"
+
+
+def run_script(launcher, np, script, output, timeout=180):
+    argv = runner.under(
+        launcher, np, [os.path.join(runner.BIN, "python"), str(script)], forward=("HARNESS_OUTPUT_DIR",)
+    )
+    return runner.run(argv, timeout=timeout, env={"HARNESS_OUTPUT_DIR": str(output)}, cwd=str(script.parent))
+
+
+def test_trainer_script_runs_unchanged_and_the_same_at_np1_and_np2(tmp_path):
+    script = trainer_script(tmp_path)
+    runs = {}
+    for launcher, np in [("local", 1), ("gloo", 2), ("mpirun", 2)]:
+        out = tmp_path / f"out-{launcher}"
+        proc = run_script(launcher, np, script, out)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "trial API context (Determined)" in proc.stdout
+        runs[launcher] = reports(out)
+    local = runs["local"]
+    assert [e["batches"] for e in local if e["type"] == "validation"] == [45, 90, 135]  # validation_period
+    assert [e["batches"] for e in local if e["type"] == "training"][:3] == [15, 30, 45]  # reporting_period
+    assert local[-1]["metrics"]["accuracy"] > 0.85
+    for launcher in ("gloo", "mpirun"):
+        for mine, theirs in zip(runs[launcher], local):
+            for metric, value in theirs["metrics"].items():
+                assert mine["metrics"][metric] == pytest.approx(value, rel=1e-5), (launcher, mine, metric)
+    # The same command again resumes from the newest checkpoint there (at another world size, too).
+    proc = run_script("local", 1, script, tmp_path / "out-gloo")
+    assert proc.returncode == 0 and "already trained 135 of 135 batches" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("max_length = pytorch.Epoch(3)", "max_length = None", "Trainer.fit() needs max_length here"),
+        ("max_length = pytorch.Epoch(3)", "max_length = 3", "Trainer.fit(max_length=...) got 3; expected"),
+        (
+            "trainer = pytorch.Trainer(trial, train_context)",
+            "trainer = pytorch.Trainer(trial, None)",
+            "pytorch.Trainer(trial, context) got a NoneType as the context",
+        ),
+        (
+            "from determined import pytorch",
+            "from determined import pytorch\nfrom determined import core",
+            "imports determined.core, which is not provided by this harness's determined package",
+        ),
+    ],
+)
+def test_trainer_script_errors_are_one_line(tmp_path, old, new, expected):
+    script = trainer_script(tmp_path, old, new)
+    proc = run_script("gloo", 2, script, tmp_path / "out", timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors and expected in errors[0], proc.stderr[-3000:]
+    assert_no_rank_traceback(proc.stderr)

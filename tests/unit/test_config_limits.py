@@ -237,7 +237,10 @@ def test_sample_configs_load_as_pedl_and_determined_read_them(path):
     with open(path) as f:
         assert load_yaml_file(path) == YAML(typ="safe", pure=True).load(f)
     raw = load_yaml_file(path)
-    if raw.get("searcher", {}).get("name", "single") != "single":
+    if " " in str(raw.get("entrypoint", "")):  # a Determined Trainer script's: run with python, said so
+        with pytest.raises(HarnessError, match=r"a Determined Trainer script; run it as it is with `python "):
+            load_config(path)
+    elif raw.get("searcher", {}).get("name", "single") != "single":
         parse_search(raw, path)  # a search config (harness search)
     else:
         load_config(path)

@@ -315,3 +315,21 @@ def test_the_harness_determined_package_wins_over_an_installed_one(tmp_path, mon
 def test_pedl_trials_still_load_beside_the_determined_package(tmp_path):
     directory = write_model_def(tmp_path / "pedl", model_def=GOOD_MODEL_DEF)
     assert definition.load(directory).make_data_loaders is not None
+
+
+@pytest.mark.parametrize(
+    "entrypoint, expected",
+    [
+        ("python3 train.py", "a Determined Trainer script; run it as it is with `python train.py`"),
+        (
+            "python3 -m determined.launch.horovod --autohorovod --trial model_def:Trial",
+            "around the trial class model_def:Trial: run it with `harness launch -np N MODEL_DIR",
+        ),
+    ],
+)
+def test_command_entrypoints_say_how_to_run_them(tmp_path, entrypoint, expected):
+    path = tmp_path / "const.yaml"
+    path.write_text(CONTEXT_CONFIG + f"entrypoint: {entrypoint}\n")
+    with pytest.raises(HarnessError) as info:
+        config.load_config(str(path))
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -5,15 +5,20 @@ at import or first use, instead of an ImportError deep in a traceback. This is n
 talks to a cluster (`get_cluster_info()` is None, as it was off-cluster).
 """
 
+import os
+import re
+import sys
+import traceback
 from typing import Any, Dict, List, Optional
 
 from harness.api.context import InvalidHP, TrialContext
 from harness.errors import HarnessError
 
 __version__ = "0.38.1+harness"  # the Determined release whose API this follows
+LOG_FORMAT = "%(levelname)s: [%(process)s] %(name)s: %(message)s"  # for logging.basicConfig, as Determined's
 
 SUPPORTED: Dict[str, List[str]] = {
-    "determined": ["InvalidHP", "TrialContext", "get_cluster_info"],
+    "determined": ["InvalidHP", "LOG_FORMAT", "TrialContext", "get_cluster_info"],
     "determined.pytorch": [
         "Batch",
         "ClipGradsL2Norm",
@@ -27,6 +32,8 @@ SUPPORTED: Dict[str, List[str]] = {
         "PyTorchTrialContext",
         "Record",
         "TorchData",
+        "Trainer",
+        "init",
         "load_trial_from_checkpoint_path",
         "reset_parameters",
     ],
@@ -49,6 +56,30 @@ def refuse(module: str, name: str) -> UnsupportedDeterminedName:
     )
 
 
+def _excepthook(kind: Any, value: BaseException, tb: Any) -> None:
+    """In a script run with python (a Trainer script): a name this package lacks, or a harness error
+    outside the Trainer, ends the process with the harness's one line and status 2, not a traceback."""
+    module = getattr(value, "name", None) or ""
+    if isinstance(value, ImportError) and module.split(".")[0] == "determined":
+        frames = traceback.extract_tb(tb)
+        where = f"{frames[0].filename}:{frames[0].lineno}: " if frames else ""
+        missing = re.search(r"cannot import name '([^']+)'", str(value))
+        name = f"{module}.{missing.group(1)}" if missing else module
+        message = f"{where}imports {name}, which is not {refuse(module, '').args[0].split(' is not ', 1)[1]}"
+    elif isinstance(value, HarnessError):
+        message = str(value)
+    else:
+        _previous_hook(kind, value, tb)
+        return
+    sys.stderr.write(f"harness: error: {message}\n")
+    sys.stderr.flush()
+    os._exit(HarnessError.exit_code)
+
+
+_previous_hook = sys.excepthook
+sys.excepthook = _excepthook
+
+
 def get_cluster_info() -> Optional[Any]:
     """None: there is no Determined cluster here (Determined's own answer off-cluster)."""
     return None
@@ -60,4 +91,4 @@ def __getattr__(name: str) -> Any:
     raise refuse("determined", name)
 
 
-__all__ = ["InvalidHP", "TrialContext", "get_cluster_info"]
+__all__ = ["LOG_FORMAT", "InvalidHP", "TrialContext", "get_cluster_info"]

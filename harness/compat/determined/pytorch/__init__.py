@@ -65,7 +65,18 @@ def load_trial_from_checkpoint_path(path: str, trial_class: Optional[Any] = None
     return trial
 
 
+def init(**kwargs: Any) -> Any:
+    """``with pytorch.init() as context:`` in a Trainer script (harness/trainer.py)."""
+    from harness.trainer import init as start
+
+    return start(**kwargs)
+
+
 def __getattr__(name: str) -> Any:
+    if name == "Trainer":  # harness/trainer.py, imported when a script asks for it
+        from harness.trainer import Trainer
+
+        return Trainer
     if name.startswith("__"):
         raise AttributeError(name)
     raise refuse(__name__, name)
@@ -84,6 +95,8 @@ __all__ = [
     "PyTorchTrialContext",
     "Record",
     "TorchData",
+    "Trainer",
+    "init",
     "load_trial_from_checkpoint_path",
     "reset_parameters",
 ]
