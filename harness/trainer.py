@@ -188,8 +188,6 @@ class Trainer:
         for name, on in (("test_mode", test_mode), ("profiling_enabled", profiling_enabled)):
             if on:
                 raise HarnessError(f"Trainer.fit({name}=True) is not supported by the harness")
-        if step_zero_validation:
-            raise HarnessError("Trainer.fit(step_zero_validation=True) is not supported yet")
         if max_length is None:
             raise HarnessError(
                 "Trainer.fit() needs max_length here (no cluster searcher gives it): e.g. "
@@ -212,6 +210,7 @@ class Trainer:
                 + ", ".join(CHECKPOINT_POLICIES)
             )
         cfg.checkpoint_policy = checkpoint_policy
+        cfg.perform_initial_validation = cfg.perform_initial_validation or bool(step_zero_validation)
         directory = _script_dir()
         module = os.path.splitext(os.path.basename(sys.argv[0] or "train.py"))[0]
         cfg.entrypoint = f"{module}:{type(self.trial).__name__}"

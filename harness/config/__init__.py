@@ -108,6 +108,7 @@ class ExperimentConfig:
     entrypoint: Optional[str] = None  # Determined's 'module:Class'
     entrypoints: Optional[EntrypointsConfig] = None  # PEDL v0.11's trial class and data functions
     min_checkpoint_period: Optional[Length] = None  # an integer counts steps (PEDL)
+    perform_initial_validation: bool = False  # Determined's: validate before the first batch too
     checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
     checkpoint_policy: str = "best"  # extra checkpoints after validations: best | all | none
     stall_timeout: int = 600  # seconds without progress on a rank before the job ends (watchdog.py)

@@ -17,7 +17,6 @@ CLUSTER_KEYS: Dict[str, str] = {
     "tensorboard_storage": "TensorBoard files go to --output",
     **dict.fromkeys(("security", "internal", "debug", "profiling"), "cluster-only"),
     **dict.fromkeys(("labels", "workspace", "project"), "cluster bookkeeping"),
-    "perform_initial_validation": "validation follows min_validation_period",
     "records_per_epoch": "the epoch length comes from the data loader",
 }
 CLUSTER_SUBKEYS: Dict[str, Tuple[Tuple[str, ...], str]] = {

@@ -74,6 +74,8 @@ def train(
     resume_at = progress.batches if resumed else None
     with Reporter(output_dir, backend.rank == 0, resume_at, progress_bar) as reporter:
         _announce(reporter, config, backend, run, schedule, progress, resumed, changed)
+        if schedule.initial_validation_due(progress.batches) and run.val_loader is not None:
+            _validate(run, state, None, reporter, stop)  # the untrained model's metrics, at batch 0
         watch.phase("training")
         reporter.start_training(schedule.total)
         model.train()
@@ -147,6 +149,8 @@ def _validate(
     better = state.validations.record(result)
     progress = state.progress
     reporter.report("validation", progress.batches, progress.epoch, progress.records, result)
+    if searcher is None:  # the initial validation: nothing to tell the searcher
+        return better, None
     return better, SEARCHER if searcher.should_stop(progress.batches, result) else None
 
 

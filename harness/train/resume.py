@@ -47,7 +47,6 @@ MAY_CHANGE = (
     "profiling",
     "workspace",
     "project",
-    "perform_initial_validation",
     "records_per_epoch",
 )
 _HINT = "start over with --fresh, or train into another --output"

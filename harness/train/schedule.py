@@ -21,6 +21,7 @@ class Schedule:
     validate_every: Optional[int] = None  # min_validation_period, in batches
     checkpoint_every: Optional[int] = None  # min_checkpoint_period, in batches
     rungs: FrozenSet[int] = field(default_factory=frozenset)  # a search's rungs: a validation each
+    initial: bool = False  # perform_initial_validation: a validation before the first batch
 
     @classmethod
     def of(
@@ -38,6 +39,7 @@ class Schedule:
             batches(config.min_validation_period),
             batches(config.min_checkpoint_period),
             frozenset(rungs),
+            config.perform_initial_validation,
         )
 
     def done(self, batches: int) -> bool:
@@ -55,6 +57,10 @@ class Schedule:
         """A validation: every `validate_every` batches, at a search's rungs, and at the end."""
         periodic = self.validate_every is not None and batches % self.validate_every == 0
         return self.done(batches) or periodic or batches in self.rungs
+
+    def initial_validation_due(self, batches: int) -> bool:
+        """perform_initial_validation: once, before any batch is trained (not after a resume)."""
+        return self.initial and batches == 0
 
     def checkpoint_due(self, batches: int) -> bool:
         """A periodic checkpoint (the end, a stop and a better validation bring their own)."""

@@ -195,7 +195,6 @@ def test_unknown_nested_key_lists_the_known_keys_of_its_section():
         ({"data_layer": {"type": "shared_fs"}}, "data_layer"),
         ({"tensorboard_storage": {"type": "shared_fs"}}, "tensorboard_storage"),
         ({"labels": ["a"]}, "labels"),
-        ({"perform_initial_validation": True}, "perform_initial_validation"),
         ({"records_per_epoch": 60000}, "records_per_epoch"),
         ({"checkpoint_storage": {"type": "s3", "bucket": "b"}}, "checkpoint_storage.type/bucket"),
         ({"searcher": {"source_trial_id": 3}}, "searcher.source_trial_id"),

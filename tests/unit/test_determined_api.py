@@ -333,3 +333,18 @@ def test_command_entrypoints_say_how_to_run_them(tmp_path, entrypoint, expected)
     with pytest.raises(HarnessError) as info:
         config.load_config(str(path))
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_perform_initial_validation_validates_the_untrained_model_at_batch_0(tmp_path):
+    directory = context_def(
+        tmp_path, "init", CONTEXT_DEF, CONTEXT_CONFIG + "perform_initial_validation: true\n"
+    )
+    train_local(directory, tmp_path / "out")
+    validations = reports(tmp_path / "out", "validation")
+    assert [e["batches"] for e in validations] == [0, 6]
+    assert validations[0]["metrics"]["accuracy"] < validations[1]["metrics"]["accuracy"]
+    # A resumed run does not validate at its start again.
+    longer = context_def(tmp_path, "init", CONTEXT_DEF, CONTEXT_CONFIG.replace("{batches: 6}", "{batches: 9}")
+                         + "perform_initial_validation: true\n")  # fmt: skip
+    train_local(longer, tmp_path / "out")
+    assert [e["batches"] for e in reports(tmp_path / "out", "validation")] == [0, 6, 9]
