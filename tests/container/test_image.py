@@ -56,6 +56,31 @@ def test_entrypoint_trains_digits_on_two_processes(image, tmp_path, launcher):
     assert f"2 ranks ({launcher})" in proc.stdout
 
 
+def test_determined_trial_and_trainer_script_in_the_image(image, tmp_path):
+    """Determined's trial API through the entrypoint (its const.yaml found by name), and a Trainer script
+    run with the image's python under horovodrun (`import determined` through harness-compat.pth)."""
+    samples = os.path.dirname(DIGITS)
+    out = output_dir(tmp_path, "trial")
+    proc = run_in_image(
+        image,
+        ENTRYPOINT,
+        env={"HARNESS_NP": "2", "HARNESS_LAUNCHER": "gloo"},
+        mounts=[f"{os.path.join(samples, 'determined_digits')}:/model_def:ro", f"{out}:/output"],
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "trial API context (Determined)" in proc.stdout
+    assert validation(out)[-1]["metrics"]["accuracy"] > 0.8
+    out = output_dir(tmp_path, "script")
+    proc = run_in_image(
+        image,
+        "horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python", "/model_def/train.py",
+        env={"HARNESS_OUTPUT_DIR": "/output"},
+        mounts=[f"{os.path.join(samples, 'determined_trainer')}:/model_def:ro", f"{out}:/output"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert validation(out)[-1]["batches"] == 135
+
+
 @pytest.mark.parametrize(
     "launcher",
     [
