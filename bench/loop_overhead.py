@@ -14,10 +14,12 @@ the per-pair median step times (the steady per-batch cost) and of the mean step 
 reports and epoch starts), and the harness / plain ratios. No launcher, no Horovod: use it to find per-batch
 Python overhead; ``bench/run.py`` measures the real thing. ``--trial-api train_batch`` runs the harness with
 the same trial written in PEDL's later API; ``both`` runs the two APIs and the plain loop interleaved and
-adds their ratio (``train_batch_vs_losses_*``).
+adds their ratio (``train_batch_vs_losses_*``); ``context`` runs Determined's context API against the
+``train_batch`` API (``context_vs_train_batch_*``).
 
     .venv/bin/python bench/loop_overhead.py --workload mlp --batches 4000 --pairs 7
     .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api both
+    .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api context
 """
 
 import argparse
@@ -103,7 +105,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4000)
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--report-every", type=int, default=100)
-    p.add_argument("--trial-api", choices=("losses", "train_batch", "both"), default="losses")
+    p.add_argument("--trial-api", choices=("losses", "train_batch", "both", "context"), default="losses")
     args = p.parse_args()
     if args.batches <= PROBE.warmup + 1:
         p.error(f"--batches must exceed the warm-up of {PROBE.warmup}")
@@ -123,6 +125,16 @@ def main() -> None:
         "losses": {"harness": model_def},
         "train_batch": {"harness": batch_api_def},
         "both": {"harness": model_def, "harness_train_batch": batch_api_def},
+        # Determined's context API against PEDL's train_batch API (and the plain loop)
+        "context": {
+            "harness": batch_api_def,
+            "harness_context": dataclasses.replace(
+                model_def,
+                trial_class=bench_trial.context_api_trial_class(args.workload),
+                make_data_loaders=None,
+                download_data=None,
+            ),
+        },
     }[args.trial_api]
     output = os.path.join(work, "output")
     runs = {name: [] for name in [*variants, "plain"]}
@@ -150,6 +162,10 @@ def main() -> None:
         both = list(zip(runs["harness_train_batch"], runs["harness"]))
         result["train_batch_vs_losses_median_step"] = statistics.median(t[0] / s[0] for t, s in both)
         result["train_batch_vs_losses_mean_step"] = statistics.median(t[1] / s[1] for t, s in both)
+    if "harness_context" in runs:  # Determined's context API against train_batch, paired
+        both = list(zip(runs["harness_context"], runs["harness"]))
+        result["context_vs_train_batch_median_step"] = statistics.median(t[0] / s[0] for t, s in both)
+        result["context_vs_train_batch_mean_step"] = statistics.median(t[1] / s[1] for t, s in both)
     print(json.dumps(result, indent=1))
 
 

@@ -59,6 +59,44 @@ def batch_api_trial_class(workload: str) -> Type[harness.PyTorchTrial]:
     return BenchBatchTrial
 
 
+def context_api_trial_class(workload: str) -> type:
+    """The same trial in Determined's API: made with a context, it wraps the model and optimizer and steps
+    them itself (imported on use: `determined` is the harness's, on sys.path once a definition is loaded)."""
+    from determined.pytorch import DataLoader, PyTorchTrial
+
+    class BenchContextTrial(PyTorchTrial):
+        def __init__(self, context: Any) -> None:
+            self.context = context
+            self.model = context.wrap_model(common.build_model(workload))
+            self.opt = context.wrap_optimizer(common.build_optimizer(workload, self.model))
+
+        def batch_size(self) -> int:
+            return common.WORKLOADS[workload].global_batch
+
+        def build_training_data_loader(self) -> Any:
+            train_set, _ = common.datasets()
+            return DataLoader(train_set, batch_size=1, shuffle=True, drop_last=True)
+
+        def build_validation_data_loader(self) -> Any:
+            _, val_set = common.datasets()
+            return DataLoader(val_set, batch_size=common.VAL_BATCH)
+
+        def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            self.context.backward(loss)
+            self.context.step_optimizer(self.opt)
+            return loss
+
+        def evaluate_batch(self, batch: Any) -> Dict[str, Any]:
+            x, y = batch
+            out = self.model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            return {"loss": loss, "accuracy": (out.argmax(1) == y).float().mean()}
+
+    return BenchContextTrial
+
+
 def make_data_loaders(experiment_config: Dict[str, Any], hparams: Dict[str, Any]) -> Tuple[Any, Any]:
     """The digits data, in memory (scikit-learn ships it: nothing to download)."""
     train_set, val_set = common.datasets()
