@@ -348,3 +348,21 @@ def test_perform_initial_validation_validates_the_untrained_model_at_batch_0(tmp
                          + "perform_initial_validation: true\n")  # fmt: skip
     train_local(longer, tmp_path / "out")
     assert [e["batches"] for e in reports(tmp_path / "out", "validation")] == [0, 6, 9]
+
+
+def test_torch_writer_logs_into_the_output_folder(tmp_path, monkeypatch):
+    model_def = CONTEXT_DEF.replace(
+        "        self.context = context\n",
+        "        self.context = context\n"
+        "        from determined.tensorboard.metric_writers.pytorch import TorchWriter\n"
+        "        self.logger = TorchWriter()\n",
+        1,
+    ).replace(
+        '        return {"loss": loss}',
+        '        self.logger.writer.add_scalar("my_loss", loss.item(), batch_idx)\n'
+        '        return {"loss": loss}',
+    )
+    monkeypatch.setenv("HARNESS_OUTPUT_DIR", str(tmp_path / "out"))
+    train_local(context_def(tmp_path, "writer", model_def), tmp_path / "out")
+    events = os.listdir(tmp_path / "out" / "tensorboard" / "trial")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")

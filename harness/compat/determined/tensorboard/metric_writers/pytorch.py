@@ -1,26 +1,34 @@
 """``TorchWriter``: a TensorBoard ``SummaryWriter`` (``.writer``) writing into the run's output folder."""
 
 import os
-from typing import Any
-
-from harness.api.trial import get_experiment_config
+from typing import Any, Optional
 
 
 class TorchWriter:
-    """``self.writer`` is a ``torch.utils.tensorboard.SummaryWriter`` on rank 0, into
-    OUTPUT/tensorboard/trial (beside the harness's own event files); on the other ranks its calls do nothing,
-    so that every rank can log as Determined's trials did."""
+    """``self.writer`` acts as a ``torch.utils.tensorboard.SummaryWriter`` on rank 0, into
+    OUTPUT/tensorboard/trial (beside the harness's own event files); on the other ranks, and outside a run,
+    its calls do nothing, so that every rank can log as Determined's trials did. The writer opens its file
+    on first use: a trial makes it in ``__init__``, before the harness has prepared the output folder."""
 
     def __init__(self) -> None:
         rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
         output = os.environ.get("HARNESS_OUTPUT_DIR")
-        if rank != 0 or not output:
-            self.writer: Any = _Silent()
-            return
-        from torch.utils.tensorboard import SummaryWriter
+        self.writer: Any = (
+            _Lazy(os.path.join(output, "tensorboard", "trial")) if rank == 0 and output else _Silent()
+        )
 
-        self.writer = SummaryWriter(os.path.join(output, "tensorboard", "trial"))
-        self.config = get_experiment_config()
+
+class _Lazy:
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._writer: Optional[Any] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._directory)
+        return getattr(self._writer, name)
 
 
 class _Silent:
