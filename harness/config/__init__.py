@@ -311,10 +311,30 @@ def _check_entrypoint(key: str, value: Optional[str], form: str) -> None:
         raise HarnessError(f"config key '{key}': expected '{form}', got {value!r}")
 
 
+def _determined_forms(rest: Dict[str, Any]) -> Dict[str, Any]:
+    """Determined's other spellings: an entrypoint as a list of words (a command), a period of 0 (none)."""
+    entry = rest.get("entrypoint")
+    if isinstance(entry, list) and entry and all(isinstance(w, str) for w in entry):
+        raise HarnessError(_command_entrypoint(" ".join(entry)))
+    out = dict(rest)
+    for key in _STEP_PERIOD_KEYS:
+        period = rest.get(key)
+        if isinstance(period, dict) and len(period) == 1:
+            (n,) = period.values()
+            if n == 0 and not isinstance(n, bool):
+                out[key] = None  # Determined: no periodic validation / checkpoint
+    return out
+
+
 def _command_entrypoint(value: str) -> str:
     """Determined's command entrypoints (0.21+): a Trainer script, or a launch layer around a trial class."""
     words = value.split()
     trial = next((w for w in reversed(words) if ":" in w and _dotted_name(w.partition(":")[0])), None)
+    if "determined.launch.deepspeed" in words:
+        return (
+            f"config key 'entrypoint' is a command ({value!r}): DeepSpeed trials (DeepSpeedTrial) are not "
+            "supported by the harness"
+        )
     if "determined.launch.horovod" in words or "determined.launch.torch_distributed" in words:
         if trial:
             return (
@@ -343,6 +363,7 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
             raise HarnessError(f"expected a mapping of config keys at the top level, got {raw!r}")
         _refuse_search(raw)
         rest, ignored = cluster_keys.split_ignored(raw)
+        rest = _determined_forms(rest)
         cfg = _build(ExperimentConfig, rest, "")
         _resolve_steps(cfg, rest)
         _validate(cfg)

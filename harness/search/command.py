@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
-from harness.errors import INVALID_HP, HarnessError, describe
+from harness.errors import INVALID_HP, HarnessError, describe, say
 from harness.search import results as search_results
 from harness.search import study as search_study
 from harness.search.space import SearchSpec, parse_search
@@ -66,6 +66,8 @@ def _load(args: argparse.Namespace) -> SearchSpec:
         raise HarnessError(f"no search config: pass --config FILE (e.g. {args.model_def}/adaptive.yaml)")
     raw = load_yaml_file(path)
     spec = parse_search(raw, path)
+    for line in spec.warnings:
+        say(f"harness: warning: {path}: {line}", sys.stderr)
     spec.source = json.dumps(raw, sort_keys=True, default=str)
     example = spec.trial_config({p.name: p.example() for p in spec.params}, 0)
     cfg = config_mod.parse_config(example, path)  # the rest of the config, as every trial will read it

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.errors import HarnessError
 
 ADAPTIVE = ("adaptive_asha", "adaptive_simple", "adaptive")
-SEARCHERS = ("single", "random", "grid") + ADAPTIVE
+# Determined's halving searchers: ASHA with one bracket of num_rungs rungs (sync_halving's synchronous
+# halving runs asynchronously here, with a warning).
+HALVING = ("async_halving", "sync_halving")
+SEARCHERS = ("single", "random", "grid") + ADAPTIVE + HALVING
 UNSUPPORTED = ("pbt", "custom")
 MODES = ("aggressive", "standard", "conservative")
 TYPES = ("const", "int", "double", "log", "categorical")
@@ -35,7 +38,14 @@ _SEARCH_KEYS = {
         "target_trial_steps",
         "step_budget",
         "train_stragglers",
+        "num_rungs",
+        "budget",
     ),
+}
+# Keys Determined's adaptive searchers had that ASHA here has no use for: accepted with one warning each.
+_NO_EFFECT = {
+    "bracket_rungs": "the brackets follow searcher.mode",
+    "train_stragglers": "trials behind a rung are stopped, not trained on",
 }
 
 
@@ -112,10 +122,11 @@ class SearchSpec:
     mode: str = "standard"
     seed: Optional[int] = None
     source: str = ""  # the config as read (JSON), to recognise the same search when it is run again
+    warnings: List[str] = field(default_factory=list)  # searcher keys accepted without effect
 
     @property
     def adaptive(self) -> bool:
-        return self.name in ADAPTIVE
+        return self.name in ADAPTIVE + HALVING
 
     def grid_space(self) -> Dict[str, List[Any]]:
         return {p.name: p.grid() for p in self.params}
@@ -206,12 +217,31 @@ def _params(hparams: Dict[str, Any], path: Tuple[str, ...], grid: bool) -> List[
 
 
 def _positive(searcher: Dict[str, Any], key: str, default: Optional[int], minimum: int = 1) -> int:
-    value = searcher.get(key, default)
+    value = searcher.get(key)
+    if value is None:  # absent, or null (Determined's "the default")
+        value = default
+    if isinstance(value, float) and value.is_integer():  # Determined's schema: a number (divisor: 4.0)
+        value = int(value)
     if value is None:
         raise HarnessError(f"config key 'searcher.{key}': required by searcher '{searcher['name']}'")
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise HarnessError(f"config key 'searcher.{key}': expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _length_budget(searcher: Dict[str, Any]) -> None:
+    """Determined's adaptive (0.13+): `budget` and `max_length` in the same unit: budget / max_length
+    trials of max_length."""
+    budget, length = searcher.get("budget"), searcher.get("max_length")
+    if not (isinstance(budget, dict) and isinstance(length, dict) and len(budget) == len(length) == 1):
+        return
+    (unit, total), (unit2, each) = next(iter(budget.items())), next(iter(length.items()))
+    if unit != unit2:
+        raise HarnessError(
+            f"config key 'searcher.budget': in {unit}, but searcher.max_length is in {unit2}; use one unit"
+        )
+    if isinstance(total, int) and isinstance(each, int) and 0 < each <= total:
+        searcher["max_trials"] = total // each
 
 
 def _from_budget(searcher: Dict[str, Any]) -> None:
@@ -223,6 +253,15 @@ def _from_budget(searcher: Dict[str, Any]) -> None:
     if "max_length" not in searcher and "max_steps" not in searcher:
         searcher["max_steps"] = target
     searcher["max_trials"] = budget // target
+
+
+def _halving(name: str, searcher: Dict[str, Any]) -> List[str]:
+    """async_halving / sync_halving as ASHA: one bracket (aggressive) of num_rungs rungs."""
+    rungs = _positive(searcher, "num_rungs", None)
+    searcher["max_rungs"], searcher["mode"] = rungs, "aggressive"
+    if name == "sync_halving":
+        return ["searcher sync_halving runs as asynchronous halving here (ASHA with one bracket)"]
+    return []
 
 
 def parse_search(raw: Any, source: str = "config") -> SearchSpec:
@@ -255,23 +294,44 @@ def _parse(raw: Any) -> SearchSpec:
         raise HarnessError(f"config key 'hyperparameters': expected a mapping, got {hparams!r}")
     params = _params(hparams, (), grid=name == "grid")
     seed = (raw.get("reproducibility") or {}).get("experiment_seed")
+    if searcher.get("smaller_is_better", True) is None:  # null: Determined's default
+        searcher["smaller_is_better"] = True
     spec = SearchSpec(name, metric, bool(searcher.get("smaller_is_better", True)), params, {}, seed=seed)
-    family = "adaptive" if name in ADAPTIVE else name
+    family = "adaptive" if name in ADAPTIVE + HALVING else name
     if name == "single" and params:
         raise HarnessError(
             f"config key 'hyperparameters.{params[0].name}': searcher 'single' trains one trial: give one "
             "value (type const), or choose searcher random, grid or adaptive_asha"
         )
-    if name == "adaptive" and "max_trials" not in searcher:
+    if name in ("adaptive", "sync_halving") and searcher.get("max_trials") is None:
         _from_budget(searcher)
-    if name in ("random",) + ADAPTIVE:
+        _length_budget(searcher)
+    target = searcher.get("target_trial_steps")  # 0.12's trial length, for every adaptive searcher
+    if isinstance(target, int) and "max_length" not in searcher and "max_steps" not in searcher:
+        searcher["max_steps"] = target
+    if name in HALVING:  # one bracket of num_rungs rungs: ASHA's aggressive mode
+        spec.warnings += _halving(name, searcher)
+    for key in ("max_time", "time_metric"):
+        if key in searcher:
+            raise HarnessError(
+                f"config key 'searcher.{key}': Determined 0.38's time budget is not supported here; "
+                "give searcher.max_length"
+            )
+    for key, why in _NO_EFFECT.items():
+        if searcher.get(key) not in (None, []):
+            spec.warnings.append(f"searcher.{key} has no effect here ({why})")
+    if searcher.get("stop_once") is False:
+        spec.warnings.append(
+            "searcher.stop_once: false has no effect here (a trial behind a rung stops for good)"
+        )
+    if name in ("random",) + ADAPTIVE + HALVING:
         spec.max_trials = _positive(searcher, "max_trials", None)
     if "max_concurrent_trials" in searcher:
-        spec.max_concurrent_trials = _positive(searcher, "max_concurrent_trials", None, minimum=0)
-    if name in ADAPTIVE:
+        spec.max_concurrent_trials = _positive(searcher, "max_concurrent_trials", 0, minimum=0)
+    if name in ADAPTIVE + HALVING:
         spec.divisor = _positive(searcher, "divisor", 4, minimum=2)
         spec.max_rungs = _positive(searcher, "max_rungs", 5)
-        spec.mode = searcher.get("mode", "standard")
+        spec.mode = searcher.get("mode") or "standard"
         if spec.mode not in MODES:
             modes = ", ".join(MODES)
             raise HarnessError(f"config key 'searcher.mode': expected one of {modes}, got {spec.mode!r}")

@@ -366,3 +366,15 @@ def test_torch_writer_logs_into_the_output_folder(tmp_path, monkeypatch):
     train_local(context_def(tmp_path, "writer", model_def), tmp_path / "out")
     events = os.listdir(tmp_path / "out" / "tensorboard" / "trial")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+
+
+def test_determined_spellings_of_entrypoint_and_periods(tmp_path):
+    path = tmp_path / "const.yaml"
+    path.write_text(
+        CONTEXT_CONFIG + "min_validation_period: {batches: 0}\nmin_checkpoint_period: {epochs: 0}\n"
+    )
+    cfg = config.load_config(str(path))
+    assert cfg.min_validation_period is None and cfg.min_checkpoint_period is None  # 0: none, as Determined
+    path.write_text(CONTEXT_CONFIG + "entrypoint: [python3, -m, determined.launch.deepspeed, --trial, m:T]\n")
+    with pytest.raises(HarnessError, match="DeepSpeed trials"):
+        config.load_config(str(path))

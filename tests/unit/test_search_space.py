@@ -218,3 +218,62 @@ def test_pedls_first_adaptive_searcher_with_a_step_budget():
         "metric": "error",
         "max_steps": 8,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Determined's searcher keys across its releases (0.12 -> 0.38)
+
+
+def trial_cfg(spec):
+    return parse_config(spec.trial_config({p.name: p.example() for p in spec.params}, 0))
+
+
+def test_adaptive_asha_target_trial_steps_is_the_trial_length():
+    """0.12's adaptive_asha gave the trial length as target_trial_steps (PEDL steps)."""
+    raw = with_searcher(name="adaptive_asha", max_trials=4, target_trial_steps=3)
+    del raw["searcher"]["max_length"]
+    raw["batches_per_step"] = 10
+    assert trial_cfg(parse_search(raw)).searcher.max_length.value == 30
+
+
+def test_adaptive_budget_and_max_length_give_the_number_of_trials():
+    spec = parse_search(with_searcher(name="adaptive", budget={"batches": 40}, max_length={"batches": 8}))
+    assert spec.max_trials == 5 and trial_cfg(spec).searcher.max_length.value == 8
+    with pytest.raises(
+        HarnessError, match="searcher.budget': in epochs, but searcher.max_length is in batches"
+    ):
+        parse_search(with_searcher(name="adaptive", budget={"epochs": 4}, max_length={"batches": 8}))
+
+
+@pytest.mark.parametrize("name", ["async_halving", "sync_halving"])
+def test_halving_searchers_run_as_one_asha_bracket(name):
+    spec = parse_search(with_searcher(name=name, num_rungs=3, max_trials=6, divisor=2))
+    assert spec.adaptive and spec.pruning() == {"divisor": 2, "max_rungs": 3, "mode": "aggressive"}
+    assert bool(spec.warnings) == (name == "sync_halving")
+    assert trial_cfg(spec).searcher.name == "single"  # num_rungs is the search's, not the trial's
+
+
+def test_null_means_determineds_default_and_whole_float_divisors():
+    spec = parse_search(
+        with_searcher(
+            name="adaptive_asha",
+            max_trials=3,
+            mode=None,
+            divisor=3.0,
+            max_rungs=None,
+            max_concurrent_trials=None,
+            smaller_is_better=None,
+        )
+    )
+    assert (spec.mode, spec.divisor, spec.max_rungs, spec.max_concurrent_trials) == ("standard", 3, 5, 0)
+    assert spec.smaller_is_better is True and trial_cfg(spec).searcher.smaller_is_better is True
+
+
+def test_keys_without_effect_warn_and_time_budgets_are_refused():
+    spec = parse_search(
+        with_searcher(name="adaptive_asha", max_trials=3, bracket_rungs=[2, 3], stop_once=False)
+    )
+    assert any("bracket_rungs" in w for w in spec.warnings) and any("stop_once" in w for w in spec.warnings)
+    assert not parse_search(with_searcher(name="adaptive_asha", max_trials=3, stop_once=True)).warnings
+    with pytest.raises(HarnessError, match="searcher.max_time': Determined 0.38's time budget"):
+        parse_search(with_searcher(name="adaptive_asha", max_trials=3, max_time=60, time_metric="batches"))
