@@ -80,6 +80,8 @@ class Context(PyTorchTrialContext):
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
         self.window_ends = True  # whether the batch being trained ends an aggregation window
         self.callbacks: Dict[str, Any] = {}
+        self._step_of: Dict[int, OptimizerStep] = {}  # id(wrapped optimizer) -> its step
+        self._hooks: List[Any] = []  # callbacks with on_before_optimizer_step (set with the callbacks)
         self.experimental = _Experimental()
         self._frozen = False  # wrap_* only in __init__: set-up has taken what the trial wrapped
 
@@ -121,7 +123,9 @@ class Context(PyTorchTrialContext):
                 "context.wrap_model(); build it from the wrapped model's parameters()"
             )
         wrapped = self.backend.wrap_optimizer(optimizer, named, self.options, backward_passes_per_step)
-        self.steps.append(OptimizerStep(wrapped, None, self.options, self.device, scaler=self.scaler))
+        step = OptimizerStep(wrapped, None, self.options, self.device, scaler=self.scaler)
+        self.steps.append(step)
+        self._step_of[id(wrapped)] = step
         return wrapped
 
     def wrap_lr_scheduler(self, lr_scheduler: Any, step_mode: StepMode, frequency: int = 1) -> Any:
@@ -187,7 +191,7 @@ class Context(PyTorchTrialContext):
         auto_zero_grads: bool = True,
         scaler: Any = None,
     ) -> None:
-        step = next((s for s in self.steps if s.optimizer is optimizer), None)
+        step = self._step_of.get(id(optimizer))
         if step is None:
             raise HarnessError(
                 "context.step_optimizer() got an optimizer that context.wrap_optimizer() did not return; "
@@ -205,7 +209,7 @@ class Context(PyTorchTrialContext):
             )
         if not self.window_ends:  # mid-window: the gradients accumulate
             return
-        hooks = [c for c in self.callbacks.values() if _overrides(c, "on_before_optimizer_step")]
+        hooks = self._hooks
         if clip_grads is not None or hooks:
 
             def clip(params: List[torch.Tensor]) -> None:
@@ -275,6 +279,10 @@ class Context(PyTorchTrialContext):
         return True
 
     # --- the harness's side ---------------------------------------------------------------------------
+
+    def set_callbacks(self, callbacks: Dict[str, Any]) -> None:
+        self.callbacks = callbacks
+        self._hooks = [c for c in callbacks.values() if _overrides(c, "on_before_optimizer_step")]
 
     def freeze(self) -> None:
         """The trial's __init__ is done: what it wrapped is what trains."""

@@ -93,7 +93,7 @@ class ContextAdapter(FullDatasetAdapter):
                 f"build_callbacks() returned a {type(callbacks).__name__}; "
                 "expected a dict of callbacks by name"
             )
-        self.context.callbacks = callbacks
+        self.context.set_callbacks(callbacks)
         self.callbacks = _Callbacks(callbacks)
         self.batches_per_epoch = batches_per_epoch
         return ContextStep(self.context, batches_per_epoch)

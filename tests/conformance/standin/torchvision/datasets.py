@@ -52,6 +52,11 @@ class _Split:
 class MNIST(_Split):
     def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
         path = os.path.join(root, "MNIST", "standin-mnist.npz")
+        if download and not os.path.exists(path):  # as torchvision's would download the real set
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.{os.getpid()}.partial.npz"
+            write_mnist(partial)
+            os.replace(partial, path)
         if not os.path.exists(path):
             raise RuntimeError(f"Dataset not found: {path}")
         super().__init__(path, train, transform, target_transform)
