@@ -19,18 +19,26 @@ from harness.launch.output import ENDING_GRACE_SECONDS, Output
 from harness.output import jobstate
 from harness.output.lock import HOLDER_ENV, OutputLock
 
+OUTPUT_ENV = "HARNESS_OUTPUT_DIR"  # where a Trainer script's ranks write (harness/trainer.py)
+
 
 def _launch_command(
-    launcher: Optional[str], where: hosts.Placement, reach: List[str], harness_args: List[str]
+    launcher: Optional[str],
+    where: hosts.Placement,
+    reach: List[str],
+    harness_args: List[str],
+    script: Optional[List[str]] = None,
 ) -> List[str]:
-    harness = [sys.executable, "-m", "harness", *harness_args]
+    """The launcher's command line; each rank runs the harness with `harness_args`, or `script` (a
+    Determined Trainer script: ``python train.py ...``)."""
+    harness = script or [sys.executable, "-m", "harness", *harness_args]
     if launcher is None and where.np == 1 and not where.hosts:
         return harness  # one process on this machine needs no launcher (3 s less start-up)
     launcher = launcher or "horovodrun"
     on = where.hosts or f"localhost:{where.np}"
     if launcher == "mpirun":
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        passed = [x for v in ("PATH", "PYTHONPATH") if v in os.environ for x in ("-x", v)]
+        passed = [x for v in ("PATH", "PYTHONPATH", OUTPUT_ENV) if v in os.environ for x in ("-x", v)]
         passed += ["-x", HOLDER_ENV]  # set for the ranks in harness launch's environment
         return ["mpirun", *root, "-np", str(where.np), "-H", on, *reach, *passed, *harness]
     flag = {"gloo": ["--gloo"], "mpi": ["--mpi"], "horovodrun": []}[launcher]
@@ -188,11 +196,12 @@ class _Job:
         return not self.terminating
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(script: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness launch",
         usage="harness launch [-np N] [-H HOSTS | --hostfile F | --host-discovery-script S] [--launcher L] "
-        "[--max-restarts N] MODEL_DIR [options]",
+        "[--max-restarts N] MODEL_DIR [options]\n       harness launch [-np N ...] [--output OUT] -- python "
+        "train.py  (a Determined Trainer script)",
         description="Run the job under a launcher and restart it from the newest checkpoint after a failure "
         "(at most max_restarts times; bad input, exit status 2, is not retried). SIGTERM is passed on to the "
         "ranks, which checkpoint and exit 0.",
@@ -213,10 +222,14 @@ def _parser() -> argparse.ArgumentParser:
         help="default horovodrun; with -np 1 and no -H, the one process runs without a launcher",
     )
     p.add_argument("--max-restarts", type=int, help="overrides the config's max_restarts")
+    if script:
+        p.add_argument("--output", help=f"the script's output folder (default ${OUTPUT_ENV}, else ./output)")
     return p
 
 
 def launch(argv: List[str]) -> int:
+    if "--" in argv:  # harness launch [options] -- python train.py: a Determined Trainer script
+        return _launch_script(argv[: argv.index("--")], argv[argv.index("--") + 1 :])
     args, harness_args = _parser().parse_known_args(argv)
 
     from harness import config
@@ -245,6 +258,27 @@ def launch(argv: List[str]) -> int:
         lock.release()
 
 
+def _launch_script(options: List[str], script: List[str]) -> int:
+    """A Trainer script under the launcher, restarted like a harness job: each rank runs `script`, which
+    writes to (and after a failure resumes from) $HARNESS_OUTPUT_DIR, set here from --output."""
+    if not script:
+        raise HarnessError("harness launch [options] -- COMMAND: no command after '--' (e.g. python x.py)")
+    args = _parser(script=True).parse_args(options)
+    source = hosts.HostSource(args.np, args.hosts, args.hostfile, args.host_discovery_script)
+    output = os.path.abspath(args.output or os.environ.get(OUTPUT_ENV) or "output")
+    os.environ[OUTPUT_ENV] = output  # for the ranks (horovodrun passes the environment; mpirun: -x)
+    max_restarts = 5 if args.max_restarts is None else args.max_restarts
+    state = jobstate.state_dir(output)
+    lock = OutputLock(output)
+    took_over = lock.acquire()
+    if took_over:
+        print(f"harness launch: {took_over}", flush=True)
+    try:
+        return _attempts(args, [], source, state, lock.holder, max_restarts, script)
+    finally:
+        lock.release()
+
+
 def _attempts(
     args: argparse.Namespace,
     harness_args: List[str],
@@ -252,6 +286,7 @@ def _attempts(
     state: str,
     holder: str,
     max_restarts: int,
+    script: Optional[List[str]] = None,
 ) -> int:
     """Run the job, and again from its newest checkpoint after each failure, up to max_restarts times."""
     env = dict(os.environ, **{HOLDER_ENV: holder})
@@ -268,7 +303,7 @@ def _attempts(
         reach = hosts.launcher_options(
             args.launcher or "horovodrun", where, args.ssh_port, args.network_interface
         )
-        rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args))
+        rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args, script))
         if job.terminating:
             name = signal.Signals(job.terminating[0]).name
             print(f"harness launch: stopped by {name}; the job exited with status {rc}", flush=True)

@@ -161,3 +161,50 @@ def test_trainer_script_errors_are_one_line(tmp_path, old, new, expected):
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert errors and expected in errors[0], proc.stderr[-3000:]
     assert_no_rank_traceback(proc.stderr)
+
+
+def test_trainer_script_under_harness_launch_restarts_and_resumes(tmp_path):
+    kill = (
+        "        data, labels = batch\n"
+        "        import os, signal\n"
+        "        marker = os.environ['MARKER']\n"
+        "        rank = self.context.distributed.get_rank()\n"
+        "        if batch_idx == 50 and rank == 1 and not os.path.exists(marker):\n"
+        "            open(marker, 'w').close()\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    script = trainer_script(tmp_path, "        data, labels = batch\n", kill)
+    script.write_text(
+        script.read_text().replace(
+            "            reporting_period=",
+            "            checkpoint_period=pytorch.Batch(45),\n            reporting_period=",
+            1,
+        )
+    )
+    out = tmp_path / "out"
+    argv = runner.harness(
+        "launch",
+        "-np",
+        "2",
+        "--launcher",
+        "gloo",
+        "--output",
+        out,
+        "--",
+        os.path.join(runner.BIN, "python"),
+        script,
+    )
+    proc = runner.run(argv, timeout=300, env={"MARKER": str(tmp_path / "killed")}, cwd=str(script.parent))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.path.exists(tmp_path / "killed") and "harness launch: restart 1 of 5" in proc.stdout
+    assert f"resuming from {out}/checkpoints/45 at batch 45" in proc.stdout
+    assert reports(out, "validation")[-1]["batches"] == 135
+    # Bad input is not retried.
+    bad = trainer_script(tmp_path, "max_length = pytorch.Epoch(3)", "max_length = None")
+    argv = runner.harness(
+        "launch", "-np", "2", "--output", tmp_path / "bad", "--", os.path.join(runner.BIN, "python"), bad
+    )
+    proc = runner.run(argv, timeout=120, cwd=str(bad.parent))
+    assert proc.returncode == 2 and "not restarting: Trainer.fit() needs max_length" in proc.stdout, (
+        proc.stdout[-2000:]
+    )
