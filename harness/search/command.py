@@ -41,14 +41,18 @@ def parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--config", help="search config (default: experiment.yaml or const.yaml in MODEL_DIR)")
     p.add_argument("--output", default="search", help="output directory (default: ./search)")
     p.add_argument("-np", type=int, default=1, help="ranks per trial (default 1)")
-    p.add_argument("--parallel", type=int, default=1, help="trials at a time on this machine (default 1)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        help="trials at a time on this machine (default: searcher.max_concurrent_trials, else 1)",
+    )
     p.add_argument("--storage", help="study database URL, e.g. postgresql://user@host/db (default SQLite)")
     p.add_argument("--study", help="study name (default: the config's name, else 'search')")
     p.add_argument("--launcher", choices=["horovodrun", "gloo", "mpi", "mpirun"], help="as harness launch's")
     p.add_argument("-H", dest="hosts", help="hosts for every trial's ranks (default localhost:NP)")
     p.add_argument("--max-restarts", type=int, help="restarts per trial (default: the config's max_restarts)")
     args = p.parse_args(argv)
-    if args.np < 1 or args.parallel < 1:
+    if args.np < 1 or (args.parallel is not None and args.parallel < 1):
         raise HarnessError("-np and --parallel take a positive number")
     return args
 
@@ -304,8 +308,11 @@ class Search:
                 },
                 f,
             )
-        limit = self.spec.max_concurrent_trials or self.args.parallel
-        self.workers = max(1, min(self.args.parallel, limit, self.total))
+        # --parallel, else the config's max_concurrent_trials (Determined's), else 1; never above the
+        # config's max_concurrent_trials nor the number of trials.
+        concurrent = self.spec.max_concurrent_trials
+        wanted = self.args.parallel or concurrent or 1
+        self.workers = max(1, min(wanted, concurrent or wanted, self.total))
         print(
             f"harness search: {self.spec.name} searcher, {self.total} trials of {self.args.np} rank(s), "
             f"{self.workers} at a time; study '{self.name}' in {_safe(self.url)}",

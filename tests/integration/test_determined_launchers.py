@@ -3,6 +3,7 @@ np=1 and np=2, SIGKILL and exact resume with two models, two optimizers, schedul
 and InvalidHP in a search."""
 
 import os
+import re
 
 import pytest
 import runner
@@ -25,6 +26,34 @@ def test_determined_sample_trains_at_np2(launcher, tmp_path):
     training = reports(tmp_path / "out", "training")
     assert training[-1]["metrics"]["lr"] == pytest.approx(0.05 * 0.8**3)
     assert "records_per_epoch" in proc.stderr  # named in the one warning about cluster keys
+
+
+# The other Determined-layout samples: (folder, trial API, what the last validation must show)
+SAMPLES_012_GAN = [
+    ("determined_012", "context with build_model (Determined 0.12)", lambda m: m["accuracy"] > 0.8),
+    ("determined_gan", "context (Determined)", lambda m: 0 < m["real_loss"] < 1.5 and "real_accuracy" in m),
+]
+
+
+@pytest.mark.parametrize("sample, api, good", SAMPLES_012_GAN, ids=[s[0] for s in SAMPLES_012_GAN])
+@pytest.mark.parametrize("launcher, np", [("local", 1), ("gloo", 2), ("mpi", 2)])
+def test_determined_samples_under_each_launcher(sample, api, good, launcher, np, tmp_path):
+    proc, _ = launch(launcher, np, os.path.join(SAMPLES, sample), tmp_path / "out", timeout=180)
+    assert_ok(proc)
+    assert f"trial API {api}" in proc.stdout
+    assert good(reports(tmp_path / "out", "validation")[-1]["metrics"])
+    assert "harness: warning:" not in proc.stderr
+
+
+def test_determined_adaptive_search_of_a_sample(tmp_path):
+    sample = os.path.join(SAMPLES, "determined_012")
+    search = runner.harness("search", sample, "--config", os.path.join(sample, "adaptive.yaml"),
+                            "--output", tmp_path / "search")  # fmt: skip
+    proc = runner.run(search, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "adaptive_asha searcher, 4 trials" in proc.stdout and "2 at a time" in proc.stdout
+    ended = re.findall(r"trial (\d+): (?:completed: best validation_loss|stopped early)", proc.stdout)
+    assert sorted(map(int, ended)) == [0, 1, 2, 3], proc.stdout[-3000:]
 
 
 def test_context_api_same_numbers_at_np1_and_np2(tmp_path):
