@@ -18,14 +18,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from typing import Any, Dict, Optional
 
-from pedl_examples import BIN, HERE, deps, extract, git
+from pedl_examples import BIN, HERE, deps, extract, git, run_example
 
 # (name, tag, directory, config or the script to run, the length to train: {unit: n} or None for its own)
 EXAMPLES = [
@@ -91,23 +89,12 @@ def run(example: Any, repo: str, work: str, np_: int, launcher: str, pythonpath:
         command = [os.path.join(BIN, "horovodrun"), f"--{launcher}", "-np", str(np_), "-H", hosts, *command]
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=pythonpath)
     env["HARNESS_OUTPUT_DIR"] = output
-    start = time.monotonic()
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800, env=env)
-    seconds = time.monotonic() - start
-    metrics = {}
-    path = os.path.join(output, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            validations = [json.loads(line) for line in f if '"validation"' in line]
-        metrics = validations[-1]["metrics"] if validations else {}
-    errors = [line for line in proc.stderr.splitlines() if "harness: error:" in line]
-    with open(os.path.join(root, "log.txt"), "w") as f:
-        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    proc, seconds, metrics, error = run_example(command, cwd, env, output)
     commit = git(
         repo, "rev-parse", "--short", f"{tag}^{{commit}}", capture_output=True, text=True
     ).stdout.strip()
     return dict(name=name, tag=f"{tag} ({commit})", config=config, length=length, rc=proc.returncode,
-                metrics=metrics, error=errors[0] if errors else "", seconds=round(seconds),
+                metrics=metrics, error=error, seconds=round(seconds),
                 log=os.path.join(root, "log.txt"))  # fmt: skip
 
 

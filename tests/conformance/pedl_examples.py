@@ -146,6 +146,24 @@ def deps(work: str) -> str:
     return target
 
 
+def run_example(command: list, cwd: str, env: dict, output: str) -> tuple:
+    """Run one example to its end: (the process, seconds, its last validation's metrics, its first
+    `harness: error:` line); both outputs are kept in log.txt beside its output folder."""
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800, env=env)
+    seconds = time.monotonic() - start
+    metrics = {}
+    path = os.path.join(output, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            validations = [json.loads(line) for line in f if '"validation"' in line]
+        metrics = validations[-1]["metrics"] if validations else {}
+    errors = [line for line in proc.stderr.splitlines() if "harness: error:" in line]
+    with open(os.path.join(os.path.dirname(output), "log.txt"), "w") as f:
+        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    return proc, seconds, metrics, errors[0] if errors else ""
+
+
 def run(example, repo: str, work: str, np_: int, launcher: str, pythonpath: str) -> dict:
     name, commit, directory, config, steps, per_step = example
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -170,19 +188,9 @@ def run(example, repo: str, work: str, np_: int, launcher: str, pythonpath: str)
         *harness,
     ]
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=pythonpath)
-    start = time.monotonic()
-    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=1800, env=env)
-    seconds = time.monotonic() - start
-    metrics = {}
-    path = os.path.join(output, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            validations = [json.loads(line) for line in f if '"validation"' in line]
-        metrics = validations[-1]["metrics"] if validations else {}
-    errors = [line for line in proc.stderr.splitlines() if "harness: error:" in line]
+    proc, seconds, metrics, error = run_example(command, root, env, output)
+    errors = [error] if error else []
     commit_id = git(repo, "rev-parse", "--short", commit, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(root, "log.txt"), "w") as f:
-        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return dict(
         name=name,
         commit=f"{commit} ({commit_id})",

@@ -378,3 +378,13 @@ def test_determined_spellings_of_entrypoint_and_periods(tmp_path):
     path.write_text(CONTEXT_CONFIG + "entrypoint: [python3, -m, determined.launch.deepspeed, --trial, m:T]\n")
     with pytest.raises(HarnessError, match="DeepSpeed trials"):
         config.load_config(str(path))
+
+
+def test_the_determined_package_exports_what_it_lists():
+    definition.use_compat_packages()
+    import determined
+    import determined.pytorch
+
+    assert sorted(determined.pytorch.__all__) == sorted(determined.SUPPORTED["determined.pytorch"])
+    assert all(hasattr(determined.pytorch, name) for name in determined.pytorch.__all__)
+    assert sorted(determined.__all__) == sorted(determined.SUPPORTED["determined"])

@@ -82,6 +82,7 @@ def __getattr__(name: str) -> Any:
     raise refuse(__name__, name)
 
 
+# The same names as SUPPORTED["determined.pytorch"] (tests/unit/test_determined_api.py checks it).
 __all__ = [
     "Batch",
     "ClipGradsL2Norm",
