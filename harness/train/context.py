@@ -8,6 +8,7 @@ harness/train/context_step.py.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -284,12 +285,17 @@ class Context(PyTorchTrialContext):
         self.callbacks = callbacks
         self._hooks = [c for c in callbacks.values() if _overrides(c, "on_before_optimizer_step")]
 
-    def freeze(self) -> None:
+    def freeze(self, trial: Any = None) -> None:
         """The trial's __init__ is done: what it wrapped is what trains."""
+        who = "the trial's __init__"
+        if trial is not None:
+            cls = type(trial)
+            where = getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
+            who = f"{where}: {cls.__name__}.__init__"
         if not self.models:
-            raise HarnessError("the trial's __init__ wrapped no model: call context.wrap_model() on it")
+            raise HarnessError(f"{who} wrapped no model: call context.wrap_model() on it")
         if not self.steps:
-            raise HarnessError("the trial's __init__ wrapped no optimizer: call context.wrap_optimizer()")
+            raise HarnessError(f"{who} wrapped no optimizer: call context.wrap_optimizer() on it")
         self._frozen = True
 
     def model(self) -> nn.Module:

@@ -55,14 +55,14 @@ def start_trial(
         trial, context = model_def.prebuilt
         context.seed = seed
         adapter = make_adapter(trial, context)
-        context.freeze()
+        context.freeze(trial)
         return TrialParts(model_def, trial, adapter, context.device, options)
     if issubclass(model_def.trial_class, ContextTrial):  # Determined's: made with a context
         context = Context(config, backend, device, options, seed)
     trial = builders.make_trial(model_def, config.hyperparameters, context)
     adapter = make_adapter(trial, context)
     if isinstance(adapter, ContextAdapter):
-        context.freeze()  # type: ignore[union-attr]  # what __init__ wrapped is what trains
+        context.freeze(trial)  # type: ignore[union-attr]  # what __init__ wrapped is what trains
     return TrialParts(model_def, trial, adapter, device, options)
 
 

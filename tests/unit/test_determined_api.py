@@ -248,7 +248,7 @@ def test_evaluate_batch_signatures_and_getters(tmp_path):
         (
             "self.opt = context.wrap_optimizer(torch.optim.SGD(self.model.parameters(), lr=0.1))",
             "self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)",
-            "the trial's __init__ wrapped no optimizer",
+            "model_def.py: Trial.__init__ wrapped no optimizer",
         ),
         (
             "torch.optim.SGD(self.model.parameters(), lr=0.1))",
