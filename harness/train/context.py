@@ -8,6 +8,7 @@ harness/train/context_step.py.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -167,11 +168,20 @@ class Context(PyTorchTrialContext):
                 f"context.configure_apex_amp(): {bad} cannot be mapped onto torch.amp (the harness maps "
                 "opt_level O1/O2 only); set optimizations.mixed_precision in the config instead"
             )
-        if self.options.precision != "fp16":
+        if self.options.precision == "fp16":
+            return models, optimizers  # the config asked for it already
+        if self.device.type != "cuda":
             raise HarnessError(
-                "context.configure_apex_amp() is mapped onto torch.amp and needs it on from the start: set "
-                "optimizations.mixed_precision: O1 in the config (apex itself is not used)"
+                "context.configure_apex_amp(): fp16 with a loss scaler (apex's O1/O2, here torch.amp) is for "
+                f"CUDA GPUs, and this rank trains on {self.device.type}; drop the call, or train on a GPU"
             )
+        if not self.steps:
+            raise HarnessError("context.configure_apex_amp() called before context.wrap_optimizer()")
+        # torch.amp instead of apex: fp16 autocast for the forward passes, one GradScaler for every optimizer.
+        self.options = dataclasses.replace(self.options, precision="fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type)
+        for step in self.steps:
+            step.options, step.scaler, step._own_scaler = self.options, self.scaler, False
         return models, optimizers
 
     # --- what train_batch calls -------------------------------------------------------------------------

@@ -103,6 +103,10 @@ class ContextStep:
         if self.context.scaler is not None:
             state["scaler"] = self.context.scaler.state_dict()
             state["skipped"] = self.skipped
+        for callback in self.context.callbacks.values():  # rank 0, which writes the checkpoint
+            hook = getattr(callback, "on_checkpoint_save_start", None)
+            if hook is not None:
+                hook(state)
         return state
 
     def local_gradients(self) -> Optional[List[Optional[torch.Tensor]]]:
@@ -113,6 +117,10 @@ class ContextStep:
 
     def load_state_dict(self, state: Dict[str, Any], gradients: Optional[List[Any]] = None) -> None:
         context = self.context
+        for callback in context.callbacks.values():  # every rank, before anything is restored
+            hook = getattr(callback, "on_checkpoint_load_start", None)
+            if hook is not None:
+                hook(state)
         saved = state.get("lr_schedulers")
         if saved is None or len(saved) != len(context.schedulers):
             raise HarnessError(

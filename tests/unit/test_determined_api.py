@@ -388,3 +388,32 @@ def test_the_determined_package_exports_what_it_lists():
     assert sorted(determined.pytorch.__all__) == sorted(determined.SUPPORTED["determined.pytorch"])
     assert all(hasattr(determined.pytorch, name) for name in determined.pytorch.__all__)
     assert sorted(determined.__all__) == sorted(determined.SUPPORTED["determined"])
+
+
+def test_checkpoint_callbacks_see_the_saved_and_loaded_state(tmp_path):
+    model_def = CONTEXT_DEF.replace(
+        "class Trial(PyTorchTrial):",
+        "SEEN = []\n\n\nclass Hooks(PyTorchCallback):\n"
+        "    def on_checkpoint_save_start(self, checkpoint):\n"
+        "        SEEN.append(('save', checkpoint['batches']))\n\n"
+        "    def on_checkpoint_load_start(self, checkpoint):\n"
+        "        SEEN.append(('load', checkpoint['batches']))\n\n\n"
+        "class Trial(PyTorchTrial):\n"
+        "    def build_callbacks(self):\n"
+        "        return {'hooks': Hooks()}\n",
+    )
+    directory = context_def(tmp_path, "hooks", model_def)
+    train_local(directory, tmp_path / "out")
+    longer = context_def(tmp_path, "hooks", model_def, CONTEXT_CONFIG.replace("{batches: 6}", "{batches: 9}"))
+    train_local(longer, tmp_path / "out")
+    assert sys.modules["model_def"].SEEN == [("save", 6), ("load", 6), ("save", 9)]
+
+
+def test_configure_apex_amp_on_a_cpu_is_one_line(tmp_path):
+    model_def = CONTEXT_DEF.replace(
+        "        self.train_set, self.val_set = datasets()",
+        "        context.configure_apex_amp(self.model, self.opt, opt_level='O1')\n"
+        "        self.train_set, self.val_set = datasets()",
+    )
+    message = error_of(context_def(tmp_path, "apex", model_def), tmp_path / "out")
+    assert "context.configure_apex_amp(): fp16 with a loss scaler" in message and "trains on cpu" in message
