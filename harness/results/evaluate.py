@@ -113,7 +113,9 @@ def _validation_loader(parts: Any, cfg: config_mod.ExperimentConfig, backend: Ba
     """The trial's validation loader (make_data_loaders()'s after download_data(), or the trial's own)."""
     val_loader = setup.trial_validation_loader(parts, cfg, backend)
     if val_loader is None:
-        raise HarnessError("the model definition returned no validation loader (None): nothing to evaluate")
+        own = parts.model_def.make_data_loaders is None  # a Determined trial's own loaders
+        which = "build_validation_data_loader()" if own else "make_data_loaders()"
+        raise HarnessError(f"{which} returned no validation loader (None): nothing to evaluate")
     return val_loader
 
 
