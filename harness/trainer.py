@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Dict, Iterator, Optional
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, say
 
 OUTPUT_ENV = "HARNESS_OUTPUT_DIR"
 
@@ -93,8 +93,6 @@ def _start(hparams: Any, exp_conf: Any, distributed_context: Any, aggregation_fr
     if aggregation_frequency != 1:
         cfg.optimizations.aggregation_frequency = aggregation_frequency
     for line in cfg.warnings if distributed.env_rank() == 0 else []:
-        from harness.errors import say
-
         say(f"harness: warning: {line}", sys.stderr)
     threads = distributed.torch_threads()
     backend = distributed.init()

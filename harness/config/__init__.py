@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from harness.config import cluster_keys, optimizations
+from harness.config import cluster_keys, determined_forms, optimizations
 from harness.config.optimizations import OptimizationsConfig, TrainingOptions
 from harness.config.yaml12 import load_yaml_file
 from harness.errors import HarnessError
@@ -27,7 +27,7 @@ CONFIG_FILE_NAMES = ("experiment.yaml", "const.yaml")
 CHECKPOINT_POLICIES = ("best", "all", "none")
 SEARCHERS = ("single", "random", "grid", "adaptive", "adaptive_simple", "adaptive_asha", "pbt", "custom")
 HPARAM_SEARCH_TYPES = ("int", "double", "log", "categorical")
-_STEP_PERIOD_KEYS = ("min_validation_period", "min_checkpoint_period")
+_STEP_PERIOD_KEYS = determined_forms.PERIOD_KEYS
 _STEPS = "steps"  # parse-time unit of an integer period, converted to batches once batches_per_step is known
 
 _SEARCH_ADVICE = (
@@ -305,53 +305,10 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 def _check_entrypoint(key: str, value: Optional[str], form: str) -> None:
     if key == "entrypoint" and isinstance(value, str) and len(value.split()) > 1:
-        raise HarnessError(_command_entrypoint(value))
+        raise HarnessError(determined_forms.command_entrypoint(value))
     module, _, name = (value or "").partition(":")
-    if value is not None and not (_dotted_name(module) and name.isidentifier()):
+    if value is not None and not (determined_forms.dotted_name(module) and name.isidentifier()):
         raise HarnessError(f"config key '{key}': expected '{form}', got {value!r}")
-
-
-def _determined_forms(rest: Dict[str, Any]) -> Dict[str, Any]:
-    """Determined's other spellings: an entrypoint as a list of words (a command), a period of 0 (none)."""
-    entry = rest.get("entrypoint")
-    if isinstance(entry, list) and entry and all(isinstance(w, str) for w in entry):
-        raise HarnessError(_command_entrypoint(" ".join(entry)))
-    out = dict(rest)
-    for key in _STEP_PERIOD_KEYS:
-        period = rest.get(key)
-        if isinstance(period, dict) and len(period) == 1:
-            (n,) = period.values()
-            if n == 0 and not isinstance(n, bool):
-                out[key] = None  # Determined: no periodic validation / checkpoint
-    return out
-
-
-def _command_entrypoint(value: str) -> str:
-    """Determined's command entrypoints (0.21+): a Trainer script, or a launch layer around a trial class."""
-    words = value.split()
-    trial = next((w for w in reversed(words) if ":" in w and _dotted_name(w.partition(":")[0])), None)
-    if "determined.launch.deepspeed" in words:
-        return (
-            f"config key 'entrypoint' is a command ({value!r}): DeepSpeed trials (DeepSpeedTrial) are not "
-            "supported by the harness"
-        )
-    if "determined.launch.horovod" in words or "determined.launch.torch_distributed" in words:
-        if trial:
-            return (
-                f"config key 'entrypoint' is a command ({value!r}) around the trial class {trial}: run it "
-                f"with `harness launch -np N MODEL_DIR --config FILE`, the config's entrypoint set to {trial}"
-            )
-    script = next((w for w in words if w.endswith(".py")), None)
-    if script:
-        return (
-            f"config key 'entrypoint' is a command ({value!r}): a Determined Trainer script; run it "
-            f"as it is with `python {script}` (or `horovodrun -np N python {script}`), not with harness"
-        )
-    return f"config key 'entrypoint': expected 'module:Class' or a Determined command, got {value!r}"
-
-
-def _dotted_name(text: str) -> bool:
-    return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
@@ -363,7 +320,7 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
             raise HarnessError(f"expected a mapping of config keys at the top level, got {raw!r}")
         _refuse_search(raw)
         rest, ignored = cluster_keys.split_ignored(raw)
-        rest = _determined_forms(rest)
+        rest = determined_forms.normalise(rest)
         cfg = _build(ExperimentConfig, rest, "")
         _resolve_steps(cfg, rest)
         _validate(cfg)
