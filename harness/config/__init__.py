@@ -340,7 +340,9 @@ def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
 def find_config_file(model_dir: str, explicit: Optional[str] = None) -> Optional[str]:
     """`--config FILE` if given, else experiment.yaml or const.yaml in the model directory, else None."""
     if explicit:  # a file, or a pipe such as --config <(...) in one process
-        if not os.path.exists(explicit) or os.path.isdir(explicit):
+        if os.path.isdir(explicit):
+            raise HarnessError(f"config file {explicit} is a directory, not a YAML file")
+        if not os.path.exists(explicit):
             pipe = explicit.startswith(("/dev/fd/", "/proc/self/fd/"))
             hint = (
                 "; a pipe such as <(...) reaches one process only: under a launcher use a file"

@@ -13,6 +13,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.arguments import parse_args
+from harness.config import yaml12
 from harness.errors import HarnessError
 from harness.launch import hosts
 from harness.launch.output import ENDING_GRACE_SECONDS, Output
@@ -108,11 +109,18 @@ def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
 
 
 def _config_for_ranks(harness_args: List[str], config: Optional[str], output: str) -> List[str]:
-    """`--config <(...)` (a pipe) can be read once, here: the ranks get a copy in OUTPUT."""
-    if not config or os.path.isfile(config) or not os.path.exists(config):
+    """`--config <(...)` (a pipe) can be read once, here: the ranks get a copy in OUTPUT. Read with the
+    ranks' own limit (`yaml12.MAX_BYTES`), so that `--config /dev/zero` is refused, not read for ever.
+    (A regular file, a directory or a missing path is left to the config loader and its messages.)"""
+    if not config or os.path.isfile(config) or os.path.isdir(config) or not os.path.exists(config):
         return harness_args
-    with open(config, "rb") as f:
-        data = f.read()
+    try:
+        with open(config, "rb") as f:
+            data = f.read(yaml12.MAX_BYTES + 1)
+    except OSError as e:
+        raise HarnessError(f"{config}: cannot read the config: {e.strerror or e}") from None
+    if len(data) > yaml12.MAX_BYTES:
+        raise HarnessError(yaml12._too_big(config, None))
     os.makedirs(output, exist_ok=True)
     copy = os.path.join(output, "launch-config.yaml")
     with open(copy, "wb") as f:
