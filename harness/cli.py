@@ -40,7 +40,13 @@ def run(args: argparse.Namespace) -> int:
         took_over = lock.acquire()
         if took_over:
             say(f"harness: {took_over}", sys.stderr)
-    watchdog.start(rank, cfg.stall_timeout, model_dir, lambda m, c: _fail(m, 1, c, output=args.output))
+    watchdog.start(
+        rank,
+        cfg.stall_timeout,
+        model_dir,
+        lambda m, c: _fail(m, 1, c, output=args.output),
+        cfg.setup_timeout,
+    )
     threads = distributed.torch_threads()
     os.environ["HARNESS_OUTPUT_DIR"] = os.path.abspath(args.output)  # for user code (TorchWriter)
     model_def = definition.load_for(model_dir, cfg)

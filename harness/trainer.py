@@ -228,7 +228,11 @@ class Trainer:
         from harness import cli
 
         watchdog.start(
-            backend.rank, cfg.stall_timeout, directory, lambda m, c: cli._fail(m, 1, c, output=output)
+            backend.rank,
+            cfg.stall_timeout,
+            directory,
+            lambda m, c: cli._fail(m, 1, c, output=output),
+            cfg.setup_timeout,
         )
         jobstate.register_rank(output, backend.rank)
         try:

@@ -112,6 +112,7 @@ class ExperimentConfig:
     checkpoint_storage: CheckpointStorageConfig = field(default_factory=CheckpointStorageConfig)
     checkpoint_policy: str = "best"  # extra checkpoints after validations: best | all | none
     stall_timeout: int = 600  # seconds without progress on a rank before the job ends (watchdog.py)
+    setup_timeout: int = 600  # the same for set-up (model, optimizer, data loaders), before the first batch
     download_timeout: int = 3600  # the same for download_data(), which may take longer
     max_restarts: int = 5  # used by `harness launch`
     optimizations: OptimizationsConfig = field(default_factory=optimizations.defaults)
@@ -274,7 +275,7 @@ def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:
 
 
 def _validate(cfg: ExperimentConfig) -> None:
-    for key in ("scheduling_unit", "stall_timeout", "download_timeout"):
+    for key in ("scheduling_unit", "stall_timeout", "setup_timeout", "download_timeout"):
         if getattr(cfg, key) <= 0:
             raise HarnessError(f"config key '{key}': expected a positive integer")
     for key, value in [

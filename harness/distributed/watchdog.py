@@ -1,8 +1,10 @@
 """The stall watchdog: a rank that makes no progress for `stall_timeout` seconds ends the job, naming where.
 
 The loop calls `beat()` at every batch (and validation batch, and heartbeat while rank 0 works alone), and
-`phase(...)` when it enters a phase of its own (data loading, ``download_data``, which may have a longer
-limit). A thread looks every second; past the limit it samples the main thread's stack:
+`phase(...)` when it enters a phase of its own. Set-up (building the model, optimizer and data loaders) has
+its own limit, `setup_timeout`: its steps are one-off and their length depends on the machine's load, so a
+`stall_timeout` chosen for batches would end healthy jobs there. ``download_data`` has `download_timeout`.
+A thread looks every second; past the limit it samples the main thread's stack:
 - a rank stuck in user code (its innermost frames are the model definition's) ends the job at once with
   one line naming the rank, the phase and the user function and line;
 - a rank waiting in a collective for another rank gives the stuck one GRACE_SECONDS to report first, then
@@ -23,6 +25,7 @@ from typing import Callable, Optional, Tuple
 
 GRACE_SECONDS = 15.0
 STARTUP_SECONDS = 300.0
+SETUP = "set-up"  # the phase from the end of start-up to the first batch
 # Frames in these files mean "waiting for other ranks", not "stuck in the trial's code".
 _WAITING_FILES = (os.sep + "horovod" + os.sep, os.sep + "mpi4py" + os.sep, "distributed.py")
 
@@ -35,10 +38,11 @@ class Watchdog:
         user_dir: str,
         on_stall: Callable[[str, bool], None],
         poll_seconds: float = 1.0,
+        setup_timeout: Optional[float] = None,
     ):
         self.rank = rank
         self.default_limit = stall_timeout
-        self.limit = stall_timeout
+        self.phase_limits = {SETUP: setup_timeout if setup_timeout is not None else stall_timeout}
         self.user_dir = os.path.abspath(user_dir) + os.sep
         self.on_stall = on_stall  # (message, consequential): prints it and ends the process
         # Start-up (imports, hvd.init's rendezvous with every rank of every host) gets a longer limit;
@@ -57,9 +61,10 @@ class Watchdog:
         self.last = time.monotonic()
 
     def phase(self, what: str, limit: Optional[float] = None) -> None:
-        """Enter a phase (named in the message); `limit` replaces stall_timeout until the next phase."""
+        """Enter a phase (named in the message); `limit` (else the phase's own, set-up's setup_timeout)
+        replaces stall_timeout until the next phase."""
         self.what = what
-        self.limit = limit if limit is not None else self.default_limit
+        self.limit = limit if limit is not None else self.phase_limits.get(what, self.default_limit)
         self.last = time.monotonic()
 
     def disarm(self) -> None:
@@ -126,7 +131,13 @@ def current() -> Watchdog | _Idle:
     return _current
 
 
-def start(rank: int, stall_timeout: float, user_dir: str, on_stall: Callable[[str, bool], None]) -> Watchdog:
+def start(
+    rank: int,
+    stall_timeout: float,
+    user_dir: str,
+    on_stall: Callable[[str, bool], None],
+    setup_timeout: Optional[float] = None,
+) -> Watchdog:
     global _current
-    _current = Watchdog(rank, stall_timeout, user_dir, on_stall)
+    _current = Watchdog(rank, stall_timeout, user_dir, on_stall, setup_timeout=setup_timeout)
     return _current

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from types import SimpleNamespace
@@ -58,7 +59,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     problem = checkpoint.verify(path)
     if problem:
         raise HarnessError(f"checkpoint {path} is corrupt: {problem}")
-    return torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    return checkpoint.load_tensors(os.path.join(path, "model.pt"))
 
 
 def effective_config(
@@ -127,7 +128,7 @@ def _fit(model: torch.nn.Module, weights: Dict[str, torch.Tensor], ckpt: str, mo
 
 def evaluate(model_def: Any, cfg: config_mod.ExperimentConfig, ckpt: str, backend: Backend) -> Dict[str, Any]:
     """The checkpoint's validation metrics, on every rank: the loop's validation, with its autocast."""
-    watchdog.current().phase("set-up")
+    watchdog.current().phase(watchdog.SETUP)
     parts = setup.start_trial(model_def, cfg, backend, _seed(cfg))  # as training built it
     device, options, adapter = parts.device, parts.options, parts.adapter
     optimizations.check_device(options, device)
@@ -163,7 +164,7 @@ def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None
     for line in said if rank == 0 else []:
         say(f"harness: warning: {line}", sys.stderr)
     if fail is not None:  # the stall watchdog, as in training
-        watchdog.start(rank, cfg.stall_timeout, args.model_dir, lambda m, c: fail(m, 1, c))
+        watchdog.start(rank, cfg.stall_timeout, args.model_dir, lambda m, c: fail(m, 1, c), cfg.setup_timeout)
     threads = distributed.torch_threads()
     model_def = definition.load_for(args.model_dir, cfg)
     backend = distributed.init()
@@ -252,14 +253,56 @@ def _torchscript(loaded: SimpleNamespace) -> Any:
     return traced
 
 
+def export_target(path: str, force: bool) -> str:
+    """The absolute path `harness export` may write (checked before the model is loaded): not a folder,
+    not an existing file unless `force`, in a folder that exists (or can be made) and is writable."""
+    out = os.path.abspath(path)
+    if os.path.isdir(out):
+        raise HarnessError(f"--out {path} is a folder; name the file to write")
+    if os.path.lexists(out) and not force:
+        raise HarnessError(f"--out {path} exists; pass --force to overwrite it")
+    folder = os.path.dirname(out)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise HarnessError(f"--out {path}: cannot make the folder {folder} ({e.strerror})") from None
+    return out
+
+
+def write_atomic(out: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` into a temporary file beside `out`, then rename it to `out`: a failure (a full disk, a
+    read-only file system) leaves no half-written file, and `out` as it was."""
+    folder = os.path.dirname(out)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    except OSError as e:
+        raise HarnessError(f"cannot write {out}: {e.strerror} (in {folder})") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
+        os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 - torch reports write failures as RuntimeErrors (c10::Error)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+        raise HarnessError(f"cannot write {out}: {why}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def export_command(args: argparse.Namespace) -> int:
+    out = export_target(args.out, getattr(args, "force", False))
     loaded = _load(args.checkpoint, args.model_dir, "cpu", flag="--model-dir ")
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     if args.format == "state_dict":
-        torch.save(loaded.model.state_dict(), out)
+        state = loaded.model.state_dict()
+        write_atomic(out, lambda tmp: torch.save(state, tmp))
     else:
-        _torchscript(loaded).save(out)
+        scripted = _torchscript(loaded)
+        write_atomic(out, lambda tmp: scripted.save(tmp))
     say(out)
     return 0
 

@@ -90,7 +90,7 @@ def download_once_per_machine(
         if theirs is not None and theirs[0] == "stopped":
             code = 130 if theirs[1] == "SIGINT" or (stop is not None and stop.exit_code) else 0
             raise Interrupted(f"stopped by {theirs[1]} during download_data(); nothing trained yet", code)
-    watchdog.current().phase("set-up")
+    watchdog.current().phase(watchdog.SETUP)
     machine = machines([who for who, _ in everyone])
     mine = [o for m, (_, o) in zip(machine, everyone) if m == machine[backend.rank] and o is not None]
     if not mine:

@@ -41,7 +41,7 @@ def train(
     """Train the trial as `config` says, resuming from a checkpoint in `output_dir` if there is one; returns
     the last validation's metrics."""
     watch = watchdog.current()
-    watch.phase("set-up")  # from here stall_timeout applies (start-up had its own limit)
+    watch.phase(watchdog.SETUP)  # setup_timeout until the first batch (start-up had its own limit)
     stop = StopSignals()
     if under_launcher():
         stop.watch_launchers()  # a rank whose launcher dies stops too, instead of training on as an orphan

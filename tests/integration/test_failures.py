@@ -25,13 +25,13 @@ pytestmark = pytest.mark.skipif(
 
 RANK = 'os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))'
 
-# Start-up (imports, Horovod's init, data, model) takes ~6.5 s of watchdog time per rank with two ranks on
-# two cores, and counts against stall_timeout: 4 would end a healthy job in "start-up". 10 leaves a margin.
-# A stalled job then ends in about 20 s (28 s under --mpi): the launcher's start, start-up, stall_timeout,
-# the 2 s a rank other than 0 waits before it reports, and the launcher's teardown.
+# Set-up (data, model) takes ~6.5 s of watchdog time per rank with two ranks on two cores, and counts against
+# setup_timeout (a stall in make_data_loaders is tested too): 4 would end a healthy job in "set-up". 10
+# leaves a margin. A stalled job then ends in about 20 s (28 s under --mpi): the launcher's start, start-up,
+# the limit, the 2 s a rank other than 0 waits before it reports, and the launcher's teardown.
 STALL_TIMEOUT = 10
 STALL_BOUND = 35
-STALL_CONFIG = GOOD_CONFIG + f"stall_timeout: {STALL_TIMEOUT}\n"
+STALL_CONFIG = GOOD_CONFIG + f"stall_timeout: {STALL_TIMEOUT}\nsetup_timeout: {STALL_TIMEOUT}\n"
 
 # Rank 1 hangs in losses() at its 3rd training batch; rank 0 then waits for it in the gradient allreduce.
 STALL_IN_LOSSES = GOOD_MODEL_DEF.replace(
@@ -156,6 +156,19 @@ def test_stall_in_make_data_loaders(model_dir, tmp_path):
     assert_no_rank_traceback(proc.stderr)
     assert_job_gone(output, rank_pids(output))
     assert_one_stall_line(proc.stderr)
+
+
+def test_a_slow_set_up_is_not_a_stall_of_training(model_dir, tmp_path):
+    """stall_timeout is for batches: an optimizer that takes longer than it to build (a busy machine) is
+    set-up, which has its own limit (setup_timeout, default 600 s)."""
+    slow_optimizer = GOOD_MODEL_DEF.replace(
+        "    def optimizer(self, model):\n",
+        "    def optimizer(self, model):\n        import time; time.sleep(4)\n",
+    )
+    write_model_def(model_dir, model_def=slow_optimizer, config=GOOD_CONFIG + "stall_timeout: 1\n")
+    proc, _ = run_with_env(harness(model_dir, tmp_path / "out"), {}, timeout=90)
+    assert_ok(proc)
+    assert "no progress for" not in proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -154,6 +154,17 @@ def test_watchdog_stays_quiet_while_beats_come(tmp_path):
     assert said == []  # a phase's own, longer limit
 
 
+def test_watchdog_gives_set_up_its_own_limit(tmp_path):
+    said = []
+    dog = watchdog.Watchdog(0, 0.2, str(tmp_path), lambda m, w: said.append(m), 0.05, setup_timeout=30)
+    dog.phase(watchdog.SETUP)
+    time.sleep(0.5)
+    assert said == []  # past stall_timeout, inside setup_timeout
+    dog.phase("training")
+    time.sleep(0.5)
+    assert len(said) == 1 and "in training:" in said[0] and "(stall_timeout 0.2 s)" in said[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint write errors
 
