@@ -274,7 +274,16 @@ def _resolve_steps(cfg: ExperimentConfig, raw: Dict[str, Any]) -> None:
         cfg.searcher.max_steps = None  # folded into max_length, the one effective length
 
 
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit: a larger one would wrap (-1 and 2**32-1 trained alike)
+
+
 def _validate(cfg: ExperimentConfig) -> None:
+    seed = cfg.reproducibility.experiment_seed
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise HarnessError(
+            "config key 'reproducibility.experiment_seed': "
+            f"expected an integer from 0 to {SEED_MAX}, got {seed}"
+        )
     for key in ("scheduling_unit", "stall_timeout", "setup_timeout", "download_timeout"):
         if getattr(cfg, key) <= 0:
             raise HarnessError(f"config key '{key}': expected a positive integer")

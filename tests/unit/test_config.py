@@ -687,3 +687,14 @@ def test_pedl_era_const_yaml_loads(tmp_path):
     assert d["resources"] == {"slots_per_trial": 2}
     assert d["environment"] == {"image": "pedl/pytorch:latest"}
     assert parse_config(d) == cfg
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999])
+def test_a_seed_numpy_cannot_take_is_refused_naming_the_key(seed):
+    """NumPy seeds are 32-bit: -1 and 2**32-1 would wrap to the same run, a huge one overflowed in torch."""
+    with pytest.raises(HarnessError) as e:
+        parse_config({"reproducibility": {"experiment_seed": seed}})
+    assert str(e.value).endswith(
+        f"config key 'reproducibility.experiment_seed': expected an integer from 0 to 4294967295, got {seed}"
+    )
+    assert parse_config({"reproducibility": {"experiment_seed": 2**32 - 1}}).reproducibility.experiment_seed
