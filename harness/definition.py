@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple
 
 from harness.api.context import ContextTrial
 from harness.api.trial import PyTorchTrial, api_of, is_trial_class
-from harness.errors import HarnessError, describe
+from harness.errors import HarnessError, check_model_path, describe
 
 if TYPE_CHECKING:
     from harness.config import EntrypointsConfig, ExperimentConfig
@@ -255,6 +255,7 @@ def load(
     else:
         main = MAIN_MODULE
     directory = os.path.abspath(directory)
+    check_model_path(directory)
     if not os.path.isdir(directory):
         raise HarnessError(f"model definition directory {directory} does not exist")
     trial_key = getattr(entrypoints, "trial_class", None)

@@ -32,6 +32,15 @@ class PeerFailure(Exception):
     """This rank stops because another rank failed (and reports that failure itself)."""
 
 
+def check_model_path(path: str) -> None:
+    """A model definition is a folder or a .py file in one; another file is named, not read as its folder."""
+    if os.path.isfile(path) and not path.endswith(".py"):
+        raise HarnessError(
+            f"model definition {os.path.abspath(path)} is a file, not a directory: give the folder that "
+            "holds model_def.py (or a .py file)"
+        )
+
+
 def describe(e: BaseException, limit: int = 400) -> str:
     """``Type: message`` on one line: a message of several lines (NumPy's and torch's often are) joined,
     and cut at `limit` characters, so that an error stays the one line the launcher shows per rank."""

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from harness.config import cluster_keys, determined_forms, optimizations
 from harness.config.optimizations import OptimizationsConfig, TrainingOptions
 from harness.config.yaml12 import load_yaml_file
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_model_path
 
 LENGTH_UNITS = ("batches", "epochs", "records")
 CONFIG_FILE_NAMES = ("experiment.yaml", "const.yaml")
@@ -387,6 +387,7 @@ def load_config(path: Optional[str]) -> ExperimentConfig:
 
 def load_for_model(model_def: str, explicit: Optional[str] = None) -> ExperimentConfig:
     """The config of a model definition (a folder or its main .py): `--config`, or the one beside it."""
+    check_model_path(model_def)
     directory = os.path.dirname(model_def) if os.path.isfile(model_def) else model_def
     path = find_config_file(directory, explicit)
     if path is None:

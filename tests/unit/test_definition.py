@@ -251,3 +251,18 @@ def test_training_metrics_are_means_over_the_report_window(model_dir, tmp_path, 
         assert set(e["metrics"]) == set(window[0]) & ({"loss"} | set(losses.split("'")) | {"extra"})
         for name, value in e["metrics"].items():
             assert value == pytest.approx(sum(b[name] for b in window) / 3, rel=1e-6)
+
+
+def test_a_file_that_is_not_python_is_not_read_as_its_folder(tmp_path):
+    """`harness notes.txt` beside a model definition: named, not trained from the file's folder."""
+    (tmp_path / "model_def.py").write_text("")
+    (tmp_path / "experiment.yaml").write_text("hyperparameters: {}\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi\n")
+    for read in (config.load_for_model, definition.load):
+        with pytest.raises(HarnessError) as e:
+            read(str(notes))
+        assert str(e.value) == (
+            f"model definition {notes} is a file, not a directory: give the folder that holds model_def.py "
+            "(or a .py file)"
+        )
