@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from harness.arguments import parse_args, parse_model_use_args
 from harness.errors import HarnessError, Interrupted, PeerFailure, describe, say
 from harness.output import jobstate
-from harness.output.lock import LockRefused, OutputLock
+from harness.output.lock import LockRefused, OutputLock, no_space, release_held
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,18 +82,36 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
 
     watchdog.current().disarm()  # this process ends now; waiting below is not a stall
     rank = env_rank()
-    jobstate.record_failure(output, message, code, rank, consequential)
+    record = jobstate.record_failure(output, message, code, rank, consequential)
     if consequential and preemption.received:  # the launcher is already stopping us: say nothing more
-        sys.stdout.flush()
-        os._exit(code)
+        _exit(code, record)
     if threading.current_thread() is threading.main_thread():  # (the stall watchdog calls from its own)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:
         time.sleep(2.0 if not consequential else 4.0)
     prefix = f"[rank {rank}] " if rank != 0 else ""
     say(f"harness: error: {prefix}{message}", sys.stderr)
+    _exit(code, record)
+
+
+def _exit(code: int, record: dict) -> None:
+    """This rank's last word for a supervising `harness launch` (the record again, on stderr: it arrives when
+    the disk is full), the output lock released (an error of its own is a clean end), and exit now."""
     sys.stdout.flush()
+    jobstate.announce_failure(record)
+    release_held()
     os._exit(code)
+
+
+def _left_early(e: SystemExit, model_dir: Optional[str]) -> Tuple[str, int]:
+    """sys.exit() on a rank while the others train (they would wait for it in a collective): an error that
+    names where it was called; exit status 1 for sys.exit(0) or sys.exit(None), else the status given."""
+    from harness.definition import user_frame
+
+    where = user_frame(e.__traceback__, os.path.abspath(model_dir)) if model_dir else None
+    said = f"sys.exit({e.code!r})" if e.code is not None else "sys.exit()"
+    code = e.code if isinstance(e.code, int) and e.code != 0 else 1
+    return f"called {said}{f' at {where}' if where else ''} before the job ended", code
 
 
 def _is_collective_failure(e: BaseException) -> bool:
@@ -159,9 +177,15 @@ def _guarded(command: Callable[[], int], model_dir: Optional[str], output: Optio
         _fail(str(e), HarnessError.exit_code, consequential=False, output=output)
     except KeyboardInterrupt:
         _fail("interrupted", 130, consequential=False)
+    except SystemExit as e:  # the user's code left this rank alone: the others would wait for it
+        message, code = _left_early(e, model_dir)
+        _fail(message, code, consequential=False, output=output)
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything; report it in one line
         if show_tb:
             traceback.print_exc()
+        full = no_space(e, output) if isinstance(e, OSError) else None
+        if full is not None:  # a full disk is not emptied by a restart: status 2, one line naming the path
+            _fail(str(full), full.exit_code, consequential=False, output=output)
         from harness.definition import user_frame
 
         where = user_frame(e.__traceback__, os.path.abspath(model_dir)) if model_dir else None

@@ -16,7 +16,7 @@ from harness.arguments import parse_args
 from harness.config import yaml12
 from harness.errors import HarnessError
 from harness.launch import hosts
-from harness.launch.output import ENDING_GRACE_SECONDS, Output
+from harness.launch.output import ANNOUNCED_GRACE_SECONDS, ENDING_GRACE_SECONDS, Output
 from harness.output import jobstate
 from harness.output.lock import HOLDER_ENV, OutputLock
 
@@ -137,6 +137,8 @@ class _Job:
         self.terminating: List[int] = []
         self.ended_here = False  # this attempt's ranks on this machine were killed here (_end_if_failing)
         self.failing_since: Optional[float] = None  # when this attempt was first seen to fail
+        self.announced: Dict[int, Dict[str, Any]] = {}  # the failure records the ranks printed
+        self.unreachable: Dict[str, str] = {}  # hosts the launcher could not reach: why
 
     def on_term(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
@@ -161,7 +163,7 @@ class _Job:
         self.ended_here, self.failing_since = False, None
         while True:
             try:
-                rc = proc.wait(timeout=1.0)
+                rc = proc.wait(timeout=0.25)
                 break
             except subprocess.TimeoutExpired:
                 if self.terminating and deadline is None:
@@ -171,6 +173,7 @@ class _Job:
                 if not self.terminating and not self.ended_here:
                     self._end_if_failing(proc, output)
         output.join()
+        self.announced, self.unreachable = output.announced, output.unreachable
         return rc, output.exits
 
     def _end_if_failing(self, proc: subprocess.Popen, output: Output) -> None:
@@ -178,10 +181,17 @@ class _Job:
         ENDING_GRACE_SECONDS: the ranks left wait for the lost ones in collectives that never end, and
         nothing can be saved (a checkpoint needs every rank). End it here. (Timed by this machine's clock
         from when it was seen here: another machine's clock may differ.)"""
-        failed = jobstate.failures(self.state)
+        failed = jobstate.failures(self.state, output.announced)
         if self.failing_since is None and (output.lost or failed):
             self.failing_since = time.monotonic()
-        if self.failing_since is None or time.monotonic() < self.failing_since + ENDING_GRACE_SECONDS:
+        now, said = time.monotonic(), output.announced_at
+        if said is not None and now >= said + ANNOUNCED_GRACE_SECONDS and not output.lost:
+            # A rank said its error and is exiting: nothing is gained by waiting for the launcher.
+            self.ended_here = True
+            jobstate.signal_ranks(self.state, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        if self.failing_since is None or now < self.failing_since + ENDING_GRACE_SECONDS:
             return
         if output.lost:
             why = f"{output.lost} is gone"
@@ -195,9 +205,8 @@ class _Job:
 
     def wait(self, seconds: float) -> bool:
         """Sleep before a restart; False if a signal asked to stop meanwhile."""
-        print(
-            f"harness launch: waiting {seconds:.0f} s (no rank started: is a host unreachable?)", flush=True
-        )
+        why = "(a host is unreachable)" if self.unreachable else "(no rank started: is a host unreachable?)"
+        print(f"harness launch: waiting {seconds:.0f} s {why}", flush=True)
         until = time.monotonic() + seconds
         while not self.terminating and time.monotonic() < until:
             time.sleep(0.2)
@@ -318,12 +327,14 @@ def _attempts(
             return 130 if job.terminating[0] == signal.SIGINT else rc
         if rc == 0:
             return 0
-        failures = jobstate.failures(state)
+        failures = jobstate.failures(state, job.announced)
         bad_input = [f for f in failures if f.get("exit_code") == HarnessError.exit_code]
         if bad_input:  # bad input, a full disk: running it again would fail the same way
             print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
             return HarnessError.exit_code
         cause = _root_cause(state, failures, rc, exits, killed_here=job.ended_here)
+        if job.unreachable and not jobstate.ranks(state):
+            cause = "; ".join(f"cannot reach host {h} ({why})" for h, why in job.unreachable.items())
         if restarts >= max_restarts:
             print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
             own = [f["exit_code"] for f in failures if not f.get("consequential") and f.get("exit_code")]

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from harness.output import jobstate
+
 # How launchers report a rank's end: horovodrun --gloo "Process 1 exit with status code 137", Open MPI
 # "... process rank 1 with PID 4242 on node n1 exited on signal 9 (Killed)".
 _EXIT_PATTERNS = (
@@ -30,6 +32,10 @@ _LOST_PATTERNS = (
 # 30 s that harness launch sets for checkpoints) while the ranks left are blocked in collectives that never
 # end, and after a machine that vanished without closing its connections mpirun waits for it for ever.
 ENDING_GRACE_SECONDS = 10.0
+# A rank that has announced its failure (its last word, jobstate.announce_failure) is exiting: the launcher
+# gets this long to end the job itself (plain horovodrun and mpirun take about 1 s), then harness launch ends
+# it. Open MPI would otherwise give the others odls_base_sigkill_timeout (30 s, for checkpoints) twice.
+ANNOUNCED_GRACE_SECONDS = 1.0
 
 
 class Output:
@@ -41,6 +47,9 @@ class Output:
         self.exits: Dict[int, str] = {}
         self.failed = False  # a rank has printed its error: what follows from it is not news
         self.lost: Optional[str] = None  # the machine the launcher reported lost
+        self.announced: Dict[int, Dict[str, Any]] = {}  # failure records the ranks printed, by rank
+        self.unreachable: Dict[str, str] = {}  # host: why (horovodrun's ssh check before any rank starts)
+        self.announced_at: Optional[float] = None  # when the first one came (time.monotonic())
         self.threads = [
             threading.Thread(target=self._pump, args=(src, dst), daemon=True)
             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
@@ -50,8 +59,20 @@ class Output:
 
     def _pump(self, src: Any, dst: Any) -> None:
         quiet = _LauncherNoise()
+        ssh_host: Optional[str] = None  # in horovodrun's report of a host that ssh cannot reach
         for raw in iter(src.readline, b""):
             line = raw.decode(errors="replace")
+            record = jobstate.parse_marker(line)
+            if record is not None:  # for harness launch, not the user: left out
+                self.announced.setdefault(record["rank"], record)
+                self.announced_at = self.announced_at or time.monotonic()
+                continue
+            m = _SSH_FAILED.match(line)
+            if m or ssh_host is not None:  # "ssh not successful for host X:", ssh's words, a blank line
+                ssh_host = m.group("host") if m else ssh_host if line.strip() else None
+                if not m and ssh_host is not None:
+                    self.unreachable.setdefault(ssh_host, line.strip())
+                continue
             for pattern in _EXIT_PATTERNS:
                 m = pattern.search(line)
                 if m:
@@ -82,6 +103,10 @@ _LINE_NOISE = (
     re.compile(r"<stderr>:Terminated\s*$"),
 )
 _GLOO_FAILURE = "RuntimeError: Horovod detected that one or more processes exited with non-zero status"
+# horovodrun's check that it can ssh to every host: "ssh not successful for host X:", ssh's message, a blank
+# line (stdout), then a traceback ending in _SSH_TRACEBACK_END (stderr). harness launch says it in one line.
+_SSH_FAILED = re.compile(r"^ssh not successful for host (?P<host>\S+?):\s*$")
+_SSH_TRACEBACK_END = "RuntimeError: could not connect to some hosts via ssh"
 
 
 class _LauncherNoise:
@@ -105,6 +130,8 @@ class _LauncherNoise:
             held, self.held, self.mode = self.held, [], ""
             if line.startswith(_GLOO_FAILURE):
                 self.mode = "tail"  # then "Process name: 1", "Exit code: 1", a blank line
+                return []
+            if line.startswith(_SSH_TRACEBACK_END):
                 return []
             return held
         if self.mode == "tail":

@@ -8,8 +8,13 @@ import glob
 import json
 import os
 import socket
+import sys
 import time
 from typing import Any, Dict, List, Optional
+
+from harness.output.lock import HOLDER_ENV, no_space
+
+MARKER = "harness-failure-record: "  # a rank's failure record on stderr, read by `harness launch`
 
 
 def state_dir(output: str) -> str:
@@ -40,9 +45,13 @@ def register_rank(output: str, rank: int) -> None:
     """Let a supervising `harness launch` find this rank: to pass SIGTERM on to it directly (when it runs on
     the supervisor's machine) and to name it, with its machine, if it dies without a word."""
     directory = os.path.join(state_dir(output), "pids")
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"rank{rank}"), "w") as f:
-        json.dump({"pid": os.getpid(), "host": host_name(), "pid_space": _pid_space()}, f)
+    path = os.path.join(directory, f"rank{rank}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host_name(), "pid_space": _pid_space()}, f)
+    except OSError as e:
+        raise no_space(e, path) or e from None
 
 
 def ranks(state: str) -> Dict[int, Dict[str, Any]]:
@@ -57,17 +66,46 @@ def ranks(state: str) -> Dict[int, Dict[str, Any]]:
     return out
 
 
-def record_failure(output: Optional[str], message: str, code: int, rank: int, consequential: bool) -> None:
-    """Leave the error for a supervising `harness launch` (it does not retry bad input, status 2)."""
+def record_failure(
+    output: Optional[str], message: str, code: int, rank: int, consequential: bool
+) -> Dict[str, Any]:
+    """Leave the error for a supervising `harness launch` (it does not retry bad input, status 2); the
+    record is returned for `announce_failure`, which reaches the supervisor when no file can be written."""
+    record = {"rank": rank, "exit_code": code, "message": message, "consequential": consequential}
+    record["time"] = time.time()
     if not output:
-        return
+        return record
     try:
         os.makedirs(state_dir(output), exist_ok=True)
         with open(os.path.join(state_dir(output), f"failure-rank{rank}.json"), "w") as f:
-            record = {"rank": rank, "exit_code": code, "message": message, "consequential": consequential}
-            json.dump({**record, "time": time.time()}, f)
+            json.dump(record, f)
     except OSError:
-        pass
+        pass  # a full disk, a read-only OUTPUT: announce_failure still says it
+    return record
+
+
+def announce_failure(record: Dict[str, Any]) -> None:
+    """This rank's failure record as one marker line on stderr, for a supervising `harness launch` (which
+    reads the launcher's output, leaves the line out and takes it as this rank's last word: the rank is
+    exiting). Only under `harness launch` (HOLDER_ENV set): plain launchers would show it."""
+    if os.environ.get(HOLDER_ENV):
+        try:
+            sys.stderr.write(MARKER + json.dumps(record) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def parse_marker(line: str) -> Optional[Dict[str, Any]]:
+    """The failure record in a launcher's output line (tagged or not), or None."""
+    at = line.find(MARKER)
+    if at < 0:
+        return None
+    try:
+        record = json.loads(line[at + len(MARKER) :])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("rank"), int) else None
 
 
 def ranks_here(state: str) -> Dict[int, Dict[str, Any]]:
@@ -89,13 +127,17 @@ def signal_ranks(state: str, sig: int) -> int:
     return sent
 
 
-def failures(state: str) -> List[Dict[str, Any]]:
-    out = []
+def failures(state: str, announced: Optional[Dict[int, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """The ranks' failure records: OUTPUT/.harness's files, and those `announced` on the launcher's output
+    (all there is when the disk is full)."""
+    by_rank = dict(announced or {})
     for path in sorted(glob.glob(os.path.join(state, "failure-rank*.json"))):
         try:
             with open(path) as f:
-                out.append(json.load(f))
-        except (OSError, ValueError):
+                record = json.load(f)
+            by_rank[record["rank"]] = record
+        except (OSError, ValueError, KeyError, TypeError):
             pass
+    out = list(by_rank.values())
     # The root cause first: an error of its own before one caused by another rank's death.
     return sorted(out, key=lambda f: (bool(f.get("consequential")), f.get("time", 0)))

@@ -7,12 +7,13 @@ the lock for its whole life and tells its ranks (HARNESS_OUTPUT_LOCK_HOLDER) tha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from harness.errors import HarnessError
 
@@ -22,6 +23,25 @@ HOLDER_ENV = "HARNESS_OUTPUT_LOCK_HOLDER"  # set by `harness launch` for its ran
 
 class LockRefused(HarnessError):
     """Another run holds the output directory."""
+
+
+def no_space(e: OSError, path: Optional[str]) -> Optional[HarnessError]:
+    """ENOSPC (or a quota) as bad input, status 2, naming what was written: `harness launch` does not retry
+    it, as a full disk is not emptied by a restart seconds later. None for any other error."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = e.filename or path
+    return HarnessError(f"no space left on device writing {where}" if where else "no space left on device")
+
+
+_held: List[OutputLock] = []  # this process's locks, for release_held()
+
+
+def release_held() -> None:
+    """Release this process's locks before it exits with an error line of its own (`cli._fail`): that is a
+    clean end too, and the next run should not report a lock "left by a run which no longer runs"."""
+    for lock in list(_held):
+        lock.release()
 
 
 def holder_value(record: dict) -> Optional[str]:
@@ -40,8 +60,11 @@ class OutputLock:
     def acquire(self) -> Optional[str]:
         """Take the lock or raise a HarnessError naming its holder; returns a note if a dead run's lock
         was taken over (None otherwise)."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise no_space(e, self.path) or e from None
         previous = _read(fd)
         if holder_value(previous) and os.environ.get(HOLDER_ENV) == holder_value(previous):
             os.close(fd)  # our supervisor holds it for us
@@ -56,13 +79,18 @@ class OutputLock:
                 f"{previous.get('pid', '?')} on {previous.get('host', '?')}, since {since}); "
                 "wait for it to end, or use another --output"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(
-            fd,
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(),
-            0,
-        )
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(
+                fd,
+                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(),
+                0,
+            )
+        except OSError as e:
+            os.close(fd)
+            raise no_space(e, self.path) or e from None
         self._fd = fd
+        _held.append(self)
         if previous.get("pid") and previous.get("pid") != os.getpid():
             return (
                 f"took over the lock of {os.path.dirname(self.path)} left by pid {previous['pid']} on "
@@ -73,9 +101,13 @@ class OutputLock:
     def release(self) -> None:
         """A clean end: the next run finds the lock free and unclaimed (a crashed holder's stays named)."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+            try:
+                os.ftruncate(self._fd, 0)
+            finally:
+                os.close(self._fd)  # closing drops the flock
+                self._fd = None
+                if self in _held:
+                    _held.remove(self)
 
 
 def _read(fd: int) -> Dict[str, Any]:
