@@ -3,6 +3,7 @@
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import runner
@@ -83,3 +84,29 @@ def test_bad_input_under_harness_launch_is_one_line_and_status_2(tmp_path):
         f"harness: error: {model_dir}/experiment.yaml: config key 'optimizations.aggregation_frequency': "
         "expected an integer >= 1, got 0"
     ]
+
+
+def test_the_exit_after_training_keeps_what_a_normal_exit_does(tmp_path):
+    """`harness` ends with os._exit (no interpreter teardown), after joining the user's threads, running
+    atexit handlers (a logger's final flush) and flushing the streams: each of these shows here."""
+    user_exit = GOOD_MODEL_DEF.replace(
+        "class Trial(",
+        "import atexit, threading, time\n"
+        "def _late(path):\n"
+        "    time.sleep(1.0)\n"
+        "    open(path, 'w').write('joined')\n"
+        "threading.Thread(target=_late, args=(__file__ + '.thread',)).start()\n"
+        "atexit.register(lambda: open(__file__ + '.atexit', 'w').write('ran'))\n\n\n"
+        "class Trial(",
+    )
+    model_dir = Path(write_model_def(tmp_path / "m", model_def=user_exit))
+    for how in ("local", "mpirun"):
+        output = tmp_path / how
+        proc = run(runner.training(how, 1 if how == "local" else 2, model_dir, output))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.rstrip().endswith(f"results: {output}/metrics.jsonl"), proc.stdout[-500:]
+        assert (model_dir / "model_def.py.thread").read_text() == "joined"
+        assert (model_dir / "model_def.py.atexit").read_text() == "ran"
+        assert "finalize" not in proc.stderr.lower(), proc.stderr[-3000:]  # Open MPI: ended without it
+        os.remove(model_dir / "model_def.py.thread")
+        os.remove(model_dir / "model_def.py.atexit")
