@@ -55,5 +55,38 @@ def set_threads(backend: Backend, threads_before_user_code: Optional[int] = None
         return  # torch took it at start
     if threads_before_user_code is not None and torch.get_num_threads() != threads_before_user_code:
         return
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // backend.local_size))
+    torch.set_num_threads(max(1, available_cores() // backend.local_size))
+
+
+def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity (taskset, a cpuset), capped by a CPU quota (a
+    container's or pod's CPU limit, cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`), rounded up. os.cpu_count()
+    counts the host's: a pod limited to 2 CPUs on a 64-core node would run 64 threads per rank."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, quota)) if quota is not None else max(1, cores)
+
+
+def _cpu_quota(cgroup: str) -> Optional[int]:
+    v2 = _read(os.path.join(cgroup, "cpu.max")).split()  # "max 100000", or "150000 100000": 1.5 CPUs
+    quota, period = (
+        v2[:2]
+        if len(v2) >= 2
+        else (
+            _read(os.path.join(cgroup, "cpu", "cpu.cfs_quota_us")),  # cgroup v1: -1 is no limit
+            _read(os.path.join(cgroup, "cpu", "cpu.cfs_period_us")),
+        )
+    )
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max", or no cgroup files
+        return None
+    return -(-q // p) if q > 0 and p > 0 else None  # rounded up: 1.5 CPUs keep 2 threads partly busy
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
