@@ -20,7 +20,7 @@ other commands:
   harness summary OUTPUT                    last, min, max of validation metrics; checkpoints (a search:
                                             its trials, best first)
   harness evaluate MODEL_DIR CHECKPOINT     validation metrics of a checkpoint (under a launcher too)
-  harness export CHECKPOINT --format torchscript|state_dict --out FILE
+  harness export CHECKPOINT --format torchscript|state_dict --out FILE [--force]
 
 exit status: 0 success, 2 bad input (model definition, config, data), 1 any other failure.
 Set HARNESS_TRACEBACK=1 to see full tracebacks.
@@ -72,6 +72,7 @@ def parse_model_use_args(argv: List[str]) -> argparse.Namespace:
         p.add_argument(
             "--model-dir", help="model definition directory (default: the one the checkpoint names)"
         )
+        p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     args = p.parse_args(rest)
     args.command = command
     return args

@@ -12,7 +12,9 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -22,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import numpy as np
 import torch
 
-from harness.errors import HarnessError, say
+from harness.errors import HarnessError, describe, say
 from harness.output import reports
 
 MANIFEST = "manifest.json"
@@ -208,11 +210,30 @@ def read_state(path: str) -> Dict[str, Any]:
     return state
 
 
+def refused_message(file: str, e: BaseException) -> str:
+    """One line for a file that torch.load(weights_only=True) refused: what it holds, that it was not
+    loaded, and why (torch's own message advises turning the check off, which the harness never does)."""
+    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+    what = f" ({', '.join(names)})" if names else ""
+    return (
+        f"checkpoint file {file} holds objects other than tensors{what}; not loaded, for safety: a "
+        "checkpoint is loaded as data (tensors, numbers, strings, lists, dicts), never as code"
+    )
+
+
+def load_tensors(file: str, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of a checkpoint file; a refused payload is one HarnessError line."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise HarnessError(refused_message(file, e)) from None
+
+
 def load(path: str, map_location: Any = "cpu") -> Checkpoint:
     """Load a verified checkpoint; tensors only (weights_only=True): a checkpoint is data, never code."""
 
     def tensors(name: str) -> Any:
-        return torch.load(os.path.join(path, name), map_location=map_location, weights_only=True)
+        return load_tensors(os.path.join(path, name), map_location)
 
     return Checkpoint(
         path, read_state(path), tensors("model.pt"), tensors("optimizer.pt"), tensors("trainer.pt")
@@ -231,8 +252,10 @@ def load_newest_valid(root: str) -> Optional[Checkpoint]:
         if problem is None:
             try:
                 return load(path)
+            except HarnessError as e:  # objects other than tensors: one line of its own, not torch's advice
+                problem = f"cannot be loaded: {e}"
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-                problem = f"cannot be loaded ({type(e).__name__}: {e})"
+                problem = f"cannot be loaded ({describe(e)})"
         warn(f"checkpoint {path} is corrupt: {problem}; skipping it")
     return None
 

@@ -262,6 +262,11 @@ def export_target(path: str, force: bool) -> str:
     if os.path.lexists(out) and not force:
         raise HarnessError(f"--out {path} exists; pass --force to overwrite it")
     folder = os.path.dirname(out)
+    parent = folder
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise HarnessError(f"--out {path}: {parent} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:

