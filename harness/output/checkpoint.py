@@ -26,6 +26,7 @@ import torch
 
 from harness.errors import HarnessError, describe, say
 from harness.output import reports
+from harness.output.reports import checkpoint_dirs  # noqa: F401 - here too, where callers look for it
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -94,13 +95,6 @@ def _write_text_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def checkpoint_dirs(root: str) -> List[int]:
-    """The batch numbers of the checkpoint folders under `root`, newest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
 
 
 def save(

@@ -1,4 +1,7 @@
-"""`harness plot` and `harness summary`: what a finished (or running) job's output directory holds."""
+"""`harness plot` and `harness summary`: what a finished (or running) job's output directory holds.
+
+Neither imports torch (nor, for `summary`, NumPy or matplotlib): they start in a fraction of a second.
+Unreadable lines of metrics.jsonl are skipped with one warning (harness/output/reports.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +9,19 @@ import argparse
 import glob
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
-from harness.config.yaml12 import load_yaml_file
 from harness.errors import HarnessError
 from harness.output import reports
-from harness.search import results as search_results
 
-# ---------------------------------------------------------------------------------------------------------
-# harness plot / summary
+# Reported with the training metrics but not metrics of the model: drawn in panels of their own, or not.
+_BOOKKEEPING = ("lr", "loss_scale", "skipped_steps")
+
+
+def _is_search(output: str) -> bool:
+    from harness.search import results as search_results  # (Optuna's study: only for a search)
+
+    return search_results.is_search(output)
 
 
 def _load_run(output: str) -> List[Dict[str, Any]]:
@@ -24,46 +31,98 @@ def _load_run(output: str) -> List[Dict[str, Any]]:
     return entries
 
 
-def _series(entries: List[Dict[str, Any]], kind: str, name: str) -> Any:
+def _series(entries: List[Dict[str, Any]], kind: str, name: str) -> Tuple[List[int], Any]:
+    """The batches and values (one row per report, one column per element) of metric `name`."""
     import numpy as np
 
-    points = [
-        (e["batches"], e["metrics"][name]) for e in entries if e["type"] == kind and name in e["metrics"]
-    ]
-    xs = [b for b, _ in points]
-    ys = np.array([np.asarray(v, dtype=float).reshape(-1) for _, v in points])
-    return xs, ys
+    xs: List[int] = []
+    ys: List[Any] = []
+    for e in entries:
+        if e["type"] != kind or name not in e["metrics"]:
+            continue
+        try:
+            value = np.asarray(e["metrics"][name], dtype=float).reshape(-1)
+        except (TypeError, ValueError):  # a value that is not numbers: not drawn
+            continue
+        if ys and value.size != ys[0].size:  # a changed shape: only the first shape is drawn
+            continue
+        xs.append(e["batches"])
+        ys.append(value)
+    return xs, np.array(ys)
+
+
+Curve = Tuple[str, str, str]  # (kind, metric name, legend label)
+
+
+def plot_panels(entries: List[Dict[str, Any]]) -> List[Tuple[str, List[Curve]]]:
+    """What `harness plot` draws: (title, curves) per panel. The loss (training, with the validation loss
+    when there is one), each validation metric with the training metric of the same name, the training
+    metrics that have no validation counterpart, and the learning rate when it was recorded."""
+    names: Dict[str, List[str]] = {"training": [], "validation": []}
+    for e in entries:
+        if e["type"] in names:
+            names[e["type"]] += [n for n in e["metrics"] if n not in names[e["type"]]]
+    training, validation = names["training"], sorted(names["validation"])
+    loss: List[Curve] = [("training", "loss", "training")] if "loss" in training else []
+    val_loss = next((n for n in ("validation_loss", "loss") if n in validation), None)
+    if val_loss:
+        loss.append(("validation", val_loss, "validation"))
+    panels = [("loss", loss)] if loss else []
+    for name in validation:
+        if name == val_loss:
+            continue
+        curves: List[Curve] = [("validation", name, "validation")]
+        title = (
+            name if name.startswith("validation") else f"validation {name}"
+        )  # not "validation validation_x"
+        if name in training:  # the training metric of the same name, for comparison
+            curves, title = [("training", name, "training")] + curves, name
+        panels.append((title, curves))
+    for name in training:
+        if name != "loss" and name not in validation and name not in _BOOKKEEPING:
+            panels.append((f"training {name}", [("training", name, "training")]))
+    if "lr" in training:
+        panels.append(("learning rate (lr)", [("training", "lr", "lr")]))
+    return panels
 
 
 def plot(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="harness plot", description="Write OUTPUT/curves.png.")
     p.add_argument("output")
     args = p.parse_args(argv)
-    if search_results.is_search(args.output):
+    if _is_search(args.output):
+        from harness.search import results as search_results
+
         print(search_results.plot(args.output))
         return 0
     entries = _load_run(args.output)
+    panels = plot_panels(entries)
+    if not panels:
+        raise HarnessError(f"{args.output}: metrics.jsonl holds no metrics to draw")
 
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    validation_names = sorted({n for e in entries if e["type"] == "validation" for n in e["metrics"]})
-    panels = [("training", "loss")] + [("validation", n) for n in validation_names]
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
-    for ax, (kind, name) in zip(axes.flat, panels):
-        xs, ys = _series(entries, kind, name)
-        if len(xs):
+    fig = Figure(figsize=(6 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (title, curves) in zip(axes.flat, panels):
+        labelled = False
+        for kind, name, label in curves:
+            xs, ys = _series(entries, kind, name)
+            if not xs:
+                continue
+            marker = "o" if kind == "validation" else None
             if ys.shape[1] == 1:
-                ax.plot(xs, ys[:, 0], marker="o" if kind == "validation" else None, markersize=3)
+                ax.plot(xs, ys[:, 0], marker=marker, markersize=3, label=label)
+                labelled = labelled or len(curves) > 1
             else:  # a non-scalar metric: one line per element (the first 10)
                 for i in range(min(ys.shape[1], 10)):
-                    ax.plot(xs, ys[:, i], label=f"[{i}]", linewidth=1)
-                ax.legend(fontsize=7, ncol=2)
-        ax.set_title(name if name.startswith(kind) else f"{kind} {name}")  # not "validation validation_x"
+                    ax.plot(xs, ys[:, i], label=f"{label} [{i}]", linewidth=1, marker=marker, markersize=2)
+                labelled = True
+        if labelled:
+            ax.legend(fontsize=7, ncol=2)
+        ax.set_title(title)
         ax.set_xlabel("batches")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
@@ -75,49 +134,81 @@ def plot(argv: List[str]) -> int:
     return 0
 
 
-def summary(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="harness summary", description="Best and last validation metrics.")
-    p.add_argument("output")
-    args = p.parse_args(argv)
-    if search_results.is_search(args.output):
-        return search_results.print_table(args.output)
-    entries = _load_run(args.output)
-    metric, smaller = None, True
-    path = os.path.join(args.output, "config.yaml")
-    if os.path.isfile(path):
-        searcher = (load_yaml_file(path) or {}).get("searcher", {})
-        metric, smaller = searcher.get("metric"), searcher.get("smaller_is_better", True)
-    last = entries[-1]
-    print(f"run: {os.path.abspath(args.output)}")
-    print(f"trained: {last['batches']} batches, {last['epoch']:.2f} epochs, {last['records']} records")
+def shape_of(value: Any) -> Optional[str]:
+    """`[10 values]`, `[3x4 values]` for a (nested) list metric; None for anything else."""
+    if not isinstance(value, list):
+        return None
+    dims = []
+    while isinstance(value, list):
+        dims.append(len(value))
+        value = value[0] if value else None
+    return f"[{'x'.join(map(str, dims))} values]"
+
+
+def _searcher(output: str) -> Tuple[Optional[str], bool]:
+    path = os.path.join(output, "config.yaml")
+    if not os.path.isfile(path):
+        return None, True
+    from harness.config.yaml12 import load_yaml_file
+
+    searcher = (load_yaml_file(path) or {}).get("searcher", {})
+    return searcher.get("metric"), searcher.get("smaller_is_better", True)
+
+
+def summary_rows(
+    entries: List[Dict[str, Any]], metric: Optional[str], smaller: bool
+) -> List[Tuple[str, ...]]:
+    """The table of validation metrics: last, best (the searcher metric's), min and max of each number;
+    a non-scalar metric (a list) shows its shape, at its last report."""
     validations = [e for e in entries if e["type"] == "validation"]
     names = sorted({n for e in validations for n in e["metrics"]})
     # Only the searcher metric has a known direction ("best"); the others show their last, min and max.
-    rows = [("metric", "last", "at batch", "best", "at batch", "min", "max")]
+    rows: List[Tuple[str, ...]] = [("metric", "last", "at batch", "best", "at batch", "min", "max")]
     for name in names:
+        label = name + (" *" if name == metric else "")
         scalar = reports.points(validations, name)
         if not scalar:
+            last = next(e for e in reversed(validations) if name in e["metrics"])
+            shown = shape_of(last["metrics"][name]) or type(last["metrics"][name]).__name__
+            rows.append((label, shown, str(last["batches"]), "", "", "", ""))
             continue
         values = [v for _, v in scalar]
         best_value, best_at = "", ""
         found = reports.best(scalar, smaller) if name == metric else None
         if found:
             best_value, best_at = f"{found[1]:.5g}", str(found[0])
-        label = name + (" *" if name == metric else "")
         last_at, last_value = scalar[-1]
         rows.append(
             (label, f"{last_value:.5g}", str(last_at), best_value, best_at)
             + (f"{min(values):.5g}", f"{max(values):.5g}")
         )
+    return rows
+
+
+def summary(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness summary", description="Best and last validation metrics.")
+    p.add_argument("output")
+    args = p.parse_args(argv)
+    if _is_search(args.output):
+        from harness.search import results as search_results
+
+        return search_results.print_table(args.output)
+    entries = _load_run(args.output)
+    metric, smaller = _searcher(args.output)
+    last = entries[-1]
+    epoch, records = last.get("epoch"), last.get("records")
+    print(f"run: {os.path.abspath(args.output)}")
+    epochs = f"{epoch:.2f}" if isinstance(epoch, (int, float)) else "?"
+    records = records if records is not None else "?"
+    print(f"trained: {last['batches']} batches, {epochs} epochs, {records} records")
+    rows = summary_rows(entries, metric, smaller)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if metric:
         print(f"(* searcher.metric; best = {'smallest' if smaller else 'largest'})")
     root = os.path.join(args.output, "checkpoints")
-    from harness.output.checkpoint import checkpoint_dirs
-
-    batches = checkpoint_dirs(root)
+    batches = reports.checkpoint_dirs(root)
     print("checkpoints:" if batches else "checkpoints: none")
     for b in batches:
         path = os.path.join(root, str(b))

@@ -64,3 +64,33 @@ def test_a_checkpoint_holding_other_objects_than_tensors_is_one_line_naming_it(m
         "for safety: a checkpoint is loaded as data (tensors, numbers, strings, lists, dicts), never as code",
     )
     assert "weights_only=False" not in proc.stderr and not (tmp_path / "w.pt").exists()
+
+
+def test_summary_plot_and_a_resume_go_on_past_a_damaged_metrics_line(model_dir, tmp_path):
+    write_model_def(model_dir)
+    output = tmp_path / "out"
+    train_here(model_dir, output)
+    path = output / "metrics.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:20] + b"\xe9" + lines[1][20:]  # a Latin-1 byte inside the second report
+    path.write_bytes(b"\n".join(lines))
+    readable = len([x for x in lines if x]) - 1
+    warning = (
+        f"harness: warning: {path}: skipped 1 unreadable line (line 2: not UTF-8 (byte 0xe9 at column 21)); "
+        f"kept the {readable} readable reports\n"
+    )
+
+    proc = runner.run(runner.harness("summary", output), timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, warning) and "accuracy" in proc.stdout
+    proc = runner.run(runner.harness("plot", output), timeout=60)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (0, warning, f"{output}/curves.png\n")
+
+    # Training further (an allowed change): the state comes from the checkpoint, the readable reports stay.
+    experiment = model_dir / "experiment.yaml"
+    experiment.write_text(experiment.read_text().replace("{batches: 6}", "{batches: 9}"))
+    proc = runner.run(runner.training("gloo", 2, model_dir, output))
+    runner.assert_ok(proc)
+    assert proc.stderr.count(f"{path}: skipped 1 unreadable line (line 2: not UTF-8") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    entries = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert entries[-1]["batches"] == 9 and len(entries) == readable + 2  # one more training, one validation

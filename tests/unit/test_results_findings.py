@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.output import checkpoint
+from harness.output import checkpoint, reports
 from harness.results import evaluate
+from harness.results import summary as tools
 
 
 def report(kind, b, **metrics):
@@ -24,6 +25,95 @@ def write_lines(path, lines):
 
 def line(entry):
     return json.dumps(entry).encode() + b"\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.jsonl: damaged lines are skipped, counted and named; the others are kept
+
+
+def test_damaged_lines_are_skipped_and_named_with_their_line_numbers(tmp_path, capsys):
+    good = [report("training", b, loss=1.0 / b) for b in (1, 2, 3)]
+    damaged = line(report("validation", 2, accuracy=0.5)).replace(b"accuracy", b"accur\xffcy")
+    write_lines(
+        tmp_path / "metrics.jsonl",
+        [line(good[0]), damaged, b"[1, 2]\n", line(good[1]), b"{not json\n", line(good[2]), b'{"type": "tr'],
+    )
+    column = damaged.index(b"\xff") + 1
+    entries, bad = reports.read_checked(str(tmp_path))
+    assert entries == good  # the torn last line (a killed writer) is neither kept nor counted
+    assert bad == [
+        (2, f"not UTF-8 (byte 0xff at column {column})"),
+        (3, "a JSON list, not an object"),
+        (5, "not JSON"),
+    ]
+    assert reports.read_reports(str(tmp_path)) == good
+    err = capsys.readouterr().err
+    assert err == (
+        f"harness: warning: {tmp_path}/metrics.jsonl: skipped 3 unreadable lines (line 2: not UTF-8 (byte "
+        f"0xff at column {column}); line 3: a JSON list, not an object; line 5: not JSON); kept the 3 "
+        "readable reports\n"
+    )
+
+
+def test_a_complete_last_report_without_its_newline_is_kept_and_a_clean_file_is_silent(tmp_path, capsys):
+    entries = [report("training", 1, loss=1.0), report("validation", 1, accuracy=0.5)]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(entries[0]) + "\n" + json.dumps(entries[1]))
+    assert reports.read_reports(str(tmp_path)) == entries
+    assert capsys.readouterr().err == ""
+
+
+def test_a_line_that_is_not_a_report_is_named_and_many_are_summed_up(tmp_path):
+    bad = [(n, "not JSON") for n in range(1, 6)]
+    message = reports.unreadable_message(str(tmp_path), bad, 7)
+    assert message == (
+        f"{tmp_path}/metrics.jsonl: skipped 5 unreadable lines (line 1: not JSON; line 2: not JSON; line 3: "
+        "not JSON; and 2 more); kept the 7 readable reports"
+    )
+    write_lines(tmp_path / "metrics.jsonl", [b'{"type": "training", "batches": "7", "metrics": {}}\n'])
+    assert reports.read_checked(str(tmp_path)) == ([], [(1, "not a report ('batches' is not an integer)")])
+
+
+def test_summary_and_plot_of_a_damaged_file_warn_once_and_go_on(tmp_path, capsys):
+    lines = [line(report("training", b, loss=1.0 / b, lr=0.1 / b)) for b in (1, 2, 3)]
+    lines += [line(report("validation", b, accuracy=b / 4, loss=1.0 / b)) for b in (2, 3)]
+    lines.insert(2, b"\x80\x81 garbage\n")
+    write_lines(tmp_path / "metrics.jsonl", lines)
+    assert tools.main(["summary", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "metrics.jsonl: skipped 1 unreadable line (line 3: not UTF-8" in err
+    assert "accuracy  0.75" in out and "trained: 3 batches" in out
+    assert tools.main(["plot", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path}/curves.png\n" and err.count("\n") == 1 and "line 3" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary shows non-scalar metrics; plot draws validation metrics and the learning rate
+
+
+def test_summary_shows_a_non_scalar_metric_by_its_shape(tmp_path, capsys):
+    entries = [
+        report("validation", 10, accuracy=0.5, per_class=[0.1] * 10, confusion=[[1, 2, 3], [4, 5, 6]]),
+        report("validation", 20, accuracy=0.7, per_class=[0.2] * 10, confusion=[[1, 2, 3], [4, 5, 6]]),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert tools.main(["summary", str(tmp_path)]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert ["confusion", "[2x3", "values]", "20"] in rows
+    assert ["per_class", "[10", "values]", "20"] in rows
+    assert ["accuracy", "0.7", "20", "0.5", "0.7"] in rows
+
+
+def test_plot_draws_the_losses_together_each_validation_metric_and_the_learning_rate():
+    entries = [report("training", 1, loss=2.0, accuracy=0.3, lr=0.1, grad_norm=4.0)]
+    entries += [report("validation", 1, validation_loss=1.5, accuracy=0.4, f1=0.2)]
+    assert tools.plot_panels(entries) == [
+        ("loss", [("training", "loss", "training"), ("validation", "validation_loss", "validation")]),
+        ("accuracy", [("training", "accuracy", "training"), ("validation", "accuracy", "validation")]),
+        ("validation f1", [("validation", "f1", "validation")]),
+        ("training grad_norm", [("training", "grad_norm", "training")]),
+        ("learning rate (lr)", [("training", "lr", "lr")]),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
