@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+_STARTED = time.time()  # the ranks import this module first
+
+
 def _fail(message: str, code: int, consequential: bool, output: Optional[str] = None) -> None:
     """Print one line and exit at once, without Python's (or Horovod's) exit handlers.
 
@@ -89,9 +92,21 @@ def _fail(message: str, code: int, consequential: bool, output: Optional[str] = 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher stopping us now is what we wait for
     if rank != 0 or consequential:
         time.sleep(2.0 if not consequential else 4.0)
+    if rank != 0 and not consequential and _rank0_said(output, message):
+        _exit(code, record)  # the same error: rank 0's line says it (a launcher may be slow to stop us)
     prefix = f"[rank {rank}] " if rank != 0 else ""
     say(f"harness: error: {prefix}{message}", sys.stderr)
     _exit(code, record)
+
+
+def _rank0_said(output: Optional[str], message: str) -> bool:
+    """Whether rank 0 recorded this very error in OUTPUT (on another machine without shared storage its
+    record is not seen here, and this rank says its error itself)."""
+    if not output:
+        return False
+    said = [f for f in jobstate.failures(jobstate.state_dir(output)) if f.get("rank") == 0]
+    # This run's (the launcher starts every rank within seconds), not an earlier run's left in OUTPUT.
+    return bool(said) and said[0].get("message") == message and said[0].get("time", 0) > _STARTED - 5.0
 
 
 def _exit(code: int, record: dict) -> None:

@@ -1,6 +1,7 @@
 """The guards against silent failures, in one process: resume checks, the output lock, the stall watchdog,
 and checkpoint write errors (the launcher side is in tests/integration/test_failures.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,24 @@ def test_stale_partial_checkpoints_are_removed_at_start(tmp_path, capsys):
     assert checkpoint.prepare_output(str(tmp_path), fresh=False, resume_from=None).ckpt is None
     assert not os.path.exists(root / ".tmp-8-1234") and not os.path.exists(root / "latest.tmp-1234")
     assert "removed 2 partial checkpoint file(s)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same error on every rank, said once
+
+
+def test_a_rank_stays_quiet_when_rank_0_said_the_same_error_in_this_run(tmp_path):
+    from harness import cli
+    from harness.output import jobstate
+
+    out = str(tmp_path)
+    assert not cli._rank0_said(out, "bad batch")  # no record: this rank says it
+    jobstate.record_failure(out, "bad batch", 2, 0, consequential=False)
+    assert cli._rank0_said(out, "bad batch")
+    assert not cli._rank0_said(out, "another error")  # its own error is said with its [rank N]
+    assert not cli._rank0_said(None, "bad batch")
+    path = os.path.join(jobstate.state_dir(out), "failure-rank0.json")
+    record = json.load(open(path))
+    record["time"] = cli._STARTED - 3600  # an earlier run's record left in OUTPUT
+    json.dump(record, open(path, "w"))
+    assert not cli._rank0_said(out, "bad batch")
