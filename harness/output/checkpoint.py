@@ -278,6 +278,23 @@ def _move_aside(output_dir: str, names: List[str]) -> str:
     return dest
 
 
+KEEP_PREVIOUS = 3  # earlier runs kept in OUTPUT/previous-<time>/ (the newest ones)
+_PREVIOUS = re.compile(r"previous-(\d{8}-\d{6})(?:-(\d+))?")
+
+
+def prune_previous(output_dir: str, keep: int = KEEP_PREVIOUS) -> List[str]:
+    """Delete all but the newest `keep` OUTPUT/previous-<time>/ folders; the names of those deleted."""
+    found = []
+    for name in os.listdir(output_dir):
+        m = _PREVIOUS.fullmatch(name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            found.append(((m.group(1), int(m.group(2) or 0)), name))  # -1, -2: same second, later
+    old = [name for _, name in sorted(found, reverse=True)[keep:]]
+    for name in sorted(old):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return sorted(old)
+
+
 @dataclass
 class OutputPlan:
     """Rank 0's plan for OUTPUT: the checkpoint to resume from, or the earlier run to move aside first."""
@@ -294,6 +311,12 @@ class OutputPlan:
             dest = _move_aside(self.output_dir, self.earlier)
             say(f"harness: {self.why}: moved the earlier run in {self.output_dir} to {dest}")
             self.earlier = []
+            removed = prune_previous(self.output_dir)
+            if removed:
+                say(
+                    f"harness: removed the oldest earlier run(s) {', '.join(removed)} from {self.output_dir} "
+                    f"(the newest {KEEP_PREVIOUS} previous-<time>/ folders are kept)"
+                )
 
 
 EARLIER_RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "config.yaml", "curves.png")
@@ -305,7 +328,8 @@ def prepare_output(output_dir: str, fresh: bool, resume_from: Optional[str]) -> 
     `--resume PATH` names one; otherwise the newest valid one under OUTPUT/checkpoints. When a run starts
     from scratch (`--fresh`, or nothing to resume) in a folder that holds an earlier run, that run is moved
     to OUTPUT/previous-<time>/ once set-up succeeds (`OutputPlan.start`), with a message: nothing is
-    overwritten silently.
+    overwritten silently. Of those folders the newest KEEP_PREVIOUS are kept; older ones are deleted then,
+    named in one line.
     """
     os.makedirs(output_dir, exist_ok=True)
     root = os.path.join(output_dir, "checkpoints")

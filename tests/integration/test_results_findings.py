@@ -94,3 +94,14 @@ def test_summary_plot_and_a_resume_go_on_past_a_damaged_metrics_line(model_dir, 
     assert "Traceback" not in proc.stderr
     entries = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
     assert entries[-1]["batches"] == 9 and len(entries) == readable + 2  # one more training, one validation
+
+    # A fresh start moves this run aside and keeps the newest three earlier runs.
+    for stamp in ("20261101-000000", "20261102-000000", "20261103-000000"):
+        (output / f"previous-{stamp}").mkdir()
+    proc = runner.run(runner.training("local", 1, model_dir, output, "--fresh"))
+    runner.assert_ok(proc)
+    assert (
+        f"harness: removed the oldest earlier run(s) previous-20261101-000000 from {output} (the newest 3 "
+        "previous-<time>/ folders are kept)\n"
+    ) in proc.stdout
+    assert len([n for n in os.listdir(output) if n.startswith("previous-")]) == 3

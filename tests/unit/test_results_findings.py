@@ -168,3 +168,25 @@ def test_a_failed_export_write_leaves_the_file_as_it_was_and_no_half_file(tmp_pa
     evaluate.write_atomic(str(target), lambda tmp: torch.save({"w": torch.ones(1)}, tmp))
     assert torch.load(target, weights_only=True)["w"].item() == 1.0 and os.listdir(tmp_path) == ["w.pt"]
     assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)  # an ordinary file, not mkstemp's
+
+
+# ----------------------------------------------------------------------------------------------------------
+# earlier runs moved aside: the newest three are kept
+
+
+def test_only_the_newest_three_earlier_runs_are_kept(tmp_path, capsys):
+    names = ["previous-20261130-090000", "previous-20261201-100000", "previous-20261201-100000-1"]
+    names += ["previous-20261201-100000-2", "previous-notatime"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(report("training", 1, loss=1.0)) + "\n")
+    plan = checkpoint.prepare_output(str(tmp_path), fresh=True, resume_from=None)
+    plan.start()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"harness: --fresh: moved the earlier run in {tmp_path} to {tmp_path}/previous-")
+    assert out[1] == (
+        "harness: removed the oldest earlier run(s) previous-20261130-090000, previous-20261201-100000 "
+        f"from {tmp_path} (the newest 3 previous-<time>/ folders are kept)"
+    )
+    kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("previous-"))
+    assert len(kept) == 4 and "previous-notatime" in kept and "previous-20261201-100000-2" in kept
