@@ -28,7 +28,7 @@ from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.distributed.preemption import StopRequested
 from harness.errors import HarnessError
-from harness.train.batches import batch_records, batch_to_device, first_tensor, to_device
+from harness.train.batches import batch_records, batch_to_device, count_records, to_device
 from harness.train.metrics import MetricAccumulator
 from harness.train.sharding import shard_validation_loader
 
@@ -182,10 +182,10 @@ class BatchAdapter(TrialAdapter):
                 if a.device == device and b.device == device:
                     return batch, a.shape[0]
         batch = to_device(batch, device, where, non_blocking)
-        t = first_tensor(batch)
-        if t is None or t.dim() == 0:
+        records = count_records(batch, where)  # the first tensor's first dimension (disagreements said)
+        if records is None:
             raise HarnessError(f"{where} holds no tensor with a batch dimension")
-        return batch, t.shape[0]
+        return batch, records
 
     def train_step(
         self, batch: Any, model: torch.nn.Module, epoch_idx: int, batch_idx: int, where: str

@@ -3,12 +3,13 @@ errors that name the path inside the batch (`batch[0]['pixels']`)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, say
 
 
 def to_device(obj: Any, device: torch.device, path: str, non_blocking: bool = False) -> Any:
@@ -81,13 +82,67 @@ def first_tensor(obj: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def leading_sizes(obj: Any, path: str = "") -> List[Tuple[str, int]]:
+    """(path inside `obj`, first dimension) of every tensor in it with at least one dimension, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [(path, int(obj.shape[0]))] if obj.dim() > 0 else []
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in leading_sizes(v, f"{path}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [s for i, v in enumerate(obj) for s in leading_sizes(v, f"{path}[{i}]")]
+    return []
+
+
+def disagreement(obj: Any, where: str, counted: int) -> Optional[str]:
+    """One line if the tensors in `obj` (`where`: e.g. "training batch 3 input") disagree on their first
+    dimension, naming them and their sizes (the first six), else None."""
+    sizes = leading_sizes(obj)
+    if all(n == counted for _, n in sizes):
+        return None
+    shown = ", ".join(f"{where}{p} {n}" for p, n in sizes[:6]) + (" ..." if len(sizes) > 6 else "")
+    return (
+        f"the tensors of {where} disagree on their first dimension ({shown}); the harness counts "
+        f"{counted} records per such batch, the first tensor's (records weight validation metrics and "
+        "count toward epochs): put the records along the first dimension of the first tensor"
+    )
+
+
+_warned_disagreement = False  # said once per process: a loader makes every batch alike
+
+
+def _warn_once(line: str) -> None:
+    global _warned_disagreement
+    if _warned_disagreement:
+        return
+    _warned_disagreement = True
+    from harness.distributed import env_rank
+
+    if env_rank() == 0:  # every rank sees the same batches' shape: say it once
+        say(f"harness: warning: {line}", sys.stderr)
+
+
+def count_records(obj: Any, where: str) -> Optional[int]:
+    """The first dimension of the first tensor in `obj` (None if there is none, or it has no dimension);
+    tensors that disagree with it are said once (`disagreement`)."""
+    t = first_tensor(obj)
+    if t is None or t.dim() == 0:
+        return None
+    counted = int(t.shape[0])
+    if not isinstance(obj, torch.Tensor) and not _warned_disagreement:
+        line = disagreement(obj, where, counted)
+        if line:
+            _warn_once(line)
+    return counted
+
+
 def batch_records(inputs: Any, labels: Any, where: str) -> int:
-    """The number of records in a batch: the first dimension of its first tensor."""
+    """The number of records in a batch: the first dimension of the first tensor of the target (else of the
+    input); tensors of that part that disagree with it are said once, in one warning line."""
     if type(labels) is torch.Tensor and labels.dim() > 0:
         return labels.shape[0]  # the common case, checked first
-    t = first_tensor(labels)
-    if t is None or t.dim() == 0:
-        t = first_tensor(inputs)
-    if t is None or t.dim() == 0:
+    n = count_records(labels, f"{where} target")
+    if n is None:
+        n = count_records(inputs, f"{where} input")
+    if n is None:
         raise HarnessError(f"{where} holds no tensor with a batch dimension")
-    return int(t.shape[0])
+    return n

@@ -13,6 +13,7 @@ from harness.errors import HarnessError
 from harness.output import checkpoint, reports
 from harness.results import evaluate
 from harness.results import summary as tools
+from harness.train import batches
 
 
 def report(kind, b, **metrics):
@@ -190,3 +191,30 @@ def test_only_the_newest_three_earlier_runs_are_kept(tmp_path, capsys):
     )
     kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("previous-"))
     assert len(kept) == 4 and "previous-notatime" in kept and "previous-20261201-100000-2" in kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the record count of a batch whose tensors disagree
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+    monkeypatch.setattr(batches, "_warned_disagreement", False)
+
+
+def test_tensors_that_disagree_on_the_records_are_said_once(fresh_warning, capsys):
+    inputs = {"ids": torch.zeros(8, 5), "mask": torch.zeros(8, 5), "table": torch.zeros(100, 4)}
+    assert batches.batch_records(inputs, None, "training batch 1") == 8
+    assert batches.batch_records(inputs, None, "training batch 2") == 8
+    assert capsys.readouterr().err == (
+        "harness: warning: the tensors of training batch 1 input disagree on their first dimension (training "
+        "batch 1 input['ids'] 8, training batch 1 input['mask'] 8, training batch 1 input['table'] 100); the "
+        "harness counts 8 records per such batch, the first tensor's (records weight validation metrics and "
+        "count toward epochs): put the records along the first dimension of the first tensor\n"
+    )
+
+
+def test_tensors_that_agree_are_counted_silently(fresh_warning, capsys):
+    assert batches.batch_records({"a": torch.zeros(4, 2), "b": [torch.zeros(4)]}, None, "b") == 4
+    assert batches.batch_records(torch.zeros(3, 2), {"t": torch.zeros(3), "s": torch.tensor(1.0)}, "b") == 3
+    assert capsys.readouterr().err == ""
