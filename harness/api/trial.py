@@ -195,7 +195,11 @@ _context: Dict[str, Any] = {"hparams": {}, "download_data_dir": None, "config": 
 
 def get_hyperparameter(name: str) -> Any:
     """The value of hyperparameter `name` from the experiment config."""
-    hparams = _context["hparams"]
+    return hyperparameter(_context["hparams"], name)
+
+
+def hyperparameter(hparams: Dict[str, Any], name: str) -> Any:
+    """`hparams[name]`, or one line naming the hyperparameters there are."""
     try:
         return hparams[name]
     except KeyError:

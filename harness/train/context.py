@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.api.context import MetricReducer, PyTorchTrialContext, check_step_mode
 from harness.api.lr_scheduler import LRScheduler, StepMode
-from harness.api.trial import get_hyperparameter
+from harness.api.trial import hyperparameter
 from harness.config import ExperimentConfig
 from harness.config.optimizations import TrainingOptions
 from harness.distributed.backend import Backend
@@ -239,7 +239,9 @@ class Context(PyTorchTrialContext):
     # --- getters -------------------------------------------------------------------------------------
 
     def get_hparam(self, name: str) -> Any:
-        return get_hyperparameter(name)
+        # This context's own hyperparameters, not the module-global ones: two trials loaded in one
+        # process (harness.load_trial) each answer for their own checkpoint.
+        return hyperparameter(self.config.hyperparameters, name)
 
     def get_hparams(self) -> Dict[str, Any]:
         return dict(self.config.hyperparameters)

@@ -5,15 +5,19 @@ tensors disagree, and trials loaded side by side."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
+from conftest import GOOD_CONFIG, write_model_def
+from determined_defs import CONTEXT_DEF
 
+from harness import config, definition, distributed
 from harness.errors import HarnessError
 from harness.output import checkpoint, reports
 from harness.results import evaluate
 from harness.results import summary as tools
-from harness.train import batches
+from harness.train import batches, loop
 
 
 def report(kind, b, **metrics):
@@ -218,3 +222,47 @@ def test_tensors_that_agree_are_counted_silently(fresh_warning, capsys):
     assert batches.batch_records({"a": torch.zeros(4, 2), "b": [torch.zeros(4)]}, None, "b") == 4
     assert batches.batch_records(torch.zeros(3, 2), {"t": torch.zeros(3), "s": torch.tensor(1.0)}, "b") == 3
     assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# two trials loaded side by side: each context answers for its own checkpoint
+
+HPARAM_DEF = CONTEXT_DEF.replace(
+    "        self.model = context.wrap_model(net())",
+    '        hidden = context.get_hparam("hidden")\n'
+    "        self.model = context.wrap_model(\n"
+    "            nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))\n"
+    "        )",
+)
+
+
+@pytest.fixture
+def forget_modules(tmp_path):
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if str(tmp_path) in (getattr(sys.modules.get(name), "__file__", "") or ""):
+            del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
+
+
+def test_two_loaded_trials_keep_their_own_hyperparameters(tmp_path, forget_modules):
+    ckpts = []
+    for hidden in (8, 12):
+        text = GOOD_CONFIG.replace("batch: 20", f"global_batch_size: 20\n  hidden: {hidden}")
+        text = text.replace("{batches: 6}", "{batches: 2}")
+        directory = write_model_def(tmp_path / f"def{hidden}", model_def=HPARAM_DEF, data=None, config=text)
+        cfg = config.load_config(config.find_config_file(directory))
+        loop.train(
+            definition.load(directory, cfg.entrypoint),
+            cfg,
+            str(tmp_path / f"out{hidden}"),
+            distributed.Local(),
+        )
+        ckpts.append(str(tmp_path / f"out{hidden}"))
+    first, _ = evaluate.load_trial(ckpts[0])
+    second, _ = evaluate.load_trial(ckpts[1])
+    assert first.context.get_hparam("hidden") == 8 and second.context.get_hparam("hidden") == 12
+    assert first.context.get_hparams()["hidden"] == 8
+    with pytest.raises(HarnessError, match="hyperparameter 'nope' is not in the config's hyperparameters"):
+        first.context.get_hparam("nope")
