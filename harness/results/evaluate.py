@@ -11,6 +11,8 @@ and reads nothing in the training output directory but the checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ import torch
 
 from harness import config as config_mod
 from harness import distributed
+from harness.api import trial as trial_api
 from harness.api.trial import LOSSES_API
 from harness.config import optimizations
 from harness.distributed import watchdog
@@ -210,10 +213,38 @@ def _load(
 def load_trial(checkpoint_dir: str, model_dir: Optional[str] = None, device: Any = "cpu") -> Tuple[Any, Any]:
     """(trial, model) of a checkpoint, for inference in this process: the model holds the checkpoint's
     weights, on `device`, in eval mode; the trial is built with the checkpoint's hyperparameters (so
-    `harness.get_hyperparameter` works). `model_dir`: the model definition, by default the directory the
-    checkpoint names (checkpoints written before it was recorded need it passed)."""
+    `harness.get_hyperparameter` works, in the trial's methods for its own checkpoint). `model_dir`: the
+    model definition, by default the directory the checkpoint names (checkpoints written before it was
+    recorded need it passed)."""
     loaded = _load(checkpoint_dir, model_dir, device)
+    _keep_own_context(loaded.trial)
     return loaded.trial, loaded.model
+
+
+def _keep_own_context(trial: Any) -> None:
+    """The trial's own methods (those of its model definition's classes) run with its checkpoint's
+    hyperparameters, config and seed as `harness.get_hyperparameter` & co. answer them: a trial loaded
+    earlier does not answer for a checkpoint loaded after it. (A Determined context holds its own.)"""
+    own = dict(trial_api._context)
+    for cls in type(trial).__mro__:
+        if cls.__module__.split(".")[0] in ("harness", "builtins", "pedl", "determined"):
+            continue
+        for name, attr in vars(cls).items():
+            if inspect.isfunction(attr) and not name.startswith("__") and name not in vars(trial):
+                setattr(trial, name, _running_as(getattr(trial, name), own))
+
+
+def _running_as(method: Callable[..., Any], own: Dict[str, Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        before = dict(trial_api._context)
+        trial_api._context.update(own)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            trial_api._context.update(before)
+
+    return call
 
 
 def _first_input(loaded: SimpleNamespace) -> Any:

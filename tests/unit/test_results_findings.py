@@ -13,6 +13,7 @@ from conftest import GOOD_CONFIG, write_model_def
 from determined_defs import CONTEXT_DEF
 
 from harness import config, definition, distributed
+from harness.api.trial import get_hyperparameter
 from harness.errors import HarnessError
 from harness.output import checkpoint, reports
 from harness.results import evaluate
@@ -266,3 +267,17 @@ def test_two_loaded_trials_keep_their_own_hyperparameters(tmp_path, forget_modul
     assert first.context.get_hparams()["hidden"] == 8
     with pytest.raises(HarnessError, match="hyperparameter 'nope' is not in the config's hyperparameters"):
         first.context.get_hparam("nope")
+
+
+def test_two_loaded_pedl_trials_answer_get_hyperparameter_for_their_own_checkpoint(tmp_path, forget_modules):
+    ckpts = []
+    for batch in (20, 10):
+        text = GOOD_CONFIG.replace("batch: 20", f"batch: {batch}").replace("{batches: 6}", "{batches: 2}")
+        directory = write_model_def(tmp_path / f"def{batch}", config=text)
+        cfg = config.load_config(config.find_config_file(directory))
+        loop.train(definition.load(directory), cfg, str(tmp_path / f"out{batch}"), distributed.Local())
+        ckpts.append(str(tmp_path / f"out{batch}"))
+    first, _ = evaluate.load_trial(ckpts[0])
+    second, _ = evaluate.load_trial(ckpts[1])
+    assert (first.batch_size(), second.batch_size(), first.batch_size()) == (20, 10, 20)
+    assert get_hyperparameter("batch") == 10  # outside the trials' methods: the checkpoint loaded last
