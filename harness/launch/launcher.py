@@ -308,6 +308,9 @@ def _attempts(
     """Run the job, and again from its newest checkpoint after each failure, up to max_restarts times."""
     env = dict(os.environ, **{HOLDER_ENV: holder})
     env.setdefault("OMPI_MCA_odls_base_sigkill_timeout", "30")  # time for ranks to checkpoint on SIGTERM
+    # Open MPI's ranks busy-poll while they wait (start-up, every collective): on a machine with no core to
+    # spare they starve the ranks with work. Yielding made MPI as fast as Gloo there (docs/launching.md).
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     job = _Job(state, env)
     signal.signal(signal.SIGTERM, job.on_term)
     signal.signal(signal.SIGINT, job.on_term)

@@ -94,3 +94,30 @@ def test_ssh_report_and_traceback_are_left_out():
     ]
     assert [kept for line in traceback for kept in quiet.filter(line, False)] == []
     assert quiet.filter("a line of the user's\n", False) == ["a line of the user's\n"]
+
+
+@pytest.mark.parametrize("own", [None, "0"])
+def test_open_mpi_ranks_yield_unless_the_user_chose(own, tmp_path, monkeypatch):
+    """harness launch sets OMPI_MCA_mpi_yield_when_idle=1 for the launcher (busy-polling ranks starved the
+    working ones on a busy machine); the user's own setting wins."""
+    import argparse
+    import signal
+
+    from harness.launch import hosts
+
+    if own is None:
+        monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    else:
+        monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", own)
+    seen = {}
+
+    def run(job, command):
+        seen.update(job.env)
+        return 0, {}
+
+    monkeypatch.setattr(launcher._Job, "run", run)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the test process keeps its own handlers
+    args = argparse.Namespace(launcher="mpi", ssh_port=None, network_interface=None)
+    source = hosts.HostSource(2, None, None, None)
+    assert launcher._attempts(args, ["m"], source, str(tmp_path / "state"), "1@h", 0) == 0
+    assert seen["OMPI_MCA_mpi_yield_when_idle"] == (own or "1")
