@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,14 +19,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
-from harness.errors import INVALID_HP, HarnessError, describe, say
+from harness.errors import INVALID_HP, HarnessError, check_model_path, describe, say
+from harness.search import child
 from harness.search import results as search_results
 from harness.search import study as search_study
 from harness.search.space import SearchSpec, parse_search
 from harness.search.trial import STOPPED_EARLY
 
 FAILURES_TO_STOP = 3
-_TAG = re.compile(r"^\[\d+(,\d+)?\]<std(out|err)>:")  # a launcher's rank tag
+# How long a resumed trial waits for the run of a killed search to let go of its folder: that run stops on
+# its own (SIGTERM: a checkpoint at an agreed batch, within harness launch's 60 s, then its ranks are killed).
+PREVIOUS_RUN_SECONDS = 120.0
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
@@ -63,6 +65,7 @@ def _load(args: argparse.Namespace) -> SearchSpec:
     from harness import definition
     from harness.config.yaml12 import load_yaml_file
 
+    check_model_path(args.model_def)
     if not os.path.isdir(args.model_def):
         raise HarnessError(f"model definition directory {os.path.abspath(args.model_def)} does not exist")
     path = config_mod.find_config_file(args.model_def, args.config)
@@ -123,7 +126,7 @@ class Search:
     def claim(self, study: Any) -> Optional[Claim]:
         """Under the study's lock: a trial whose search process died, else a new one, else None."""
         start = time.monotonic()
-        with search_study.claim_lock(self.url, self.output, self.name):
+        with search_study.claim_lock(self.url, self.name):
             orphans = search_study.orphans(study)
             if orphans:
                 number, resumed = orphans[0].number, True
@@ -132,6 +135,8 @@ class Search:
             else:
                 return None
             search_study.set_owner(study, number)
+            if resumed:
+                search_study.set_user_attr(study, number, search_study.INTERRUPTED, None)
             self._reseed(study, number)
             trial = search_study.trial(study, number)
             values = self.spec.trial_hparams(trial)
@@ -205,46 +210,45 @@ class Search:
             self._finish(study, claim.number, os.path.join(self.output, "trials", str(claim.number)), 0, "")
             return
         folder = self._trial_files(claim)
+        if claim.resumed and not self._previous_run_gone(claim.number, folder):
+            return  # (left running in the study: the next run resumes it)
         shown = ", ".join(f"{k}={_short(v)}" for k, v in claim.values.items()) or "no searched values"
         self.say(claim.number, ("resumed" if claim.resumed else "started") + f" ({shown})")
         launched = time.time()
-        with open(os.path.join(folder, "console.log"), "ab") as log:
-            proc = subprocess.Popen(
-                self._command(folder),
-                env=self._env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C reaches the search, which stops the trials in order
-            )
-            with self.lock:
-                self.procs[claim.number] = proc
-            last_error = self._pump(claim.number, proc, log)
-            rc = proc.wait()
+        log_path = os.path.join(folder, "console.log")
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        proc = child.start(self._command(folder), self._env(), log_path)
+        with self.lock:
+            self.procs[claim.number] = proc
+        last_error = child.follow(proc, log_path, offset, lambda text: self.say(claim.number, text))
+        rc = proc.wait()
         with self.lock:
             self.procs.pop(claim.number, None)
         if self.stopping:
+            # Recorded as interrupted (resumable), not as running: `harness summary` says so.
+            search_study.set_user_attr(study, claim.number, search_study.INTERRUPTED, time.time())
             self.say(claim.number, "stopped with the search (checkpointed; it resumes on the next run)")
             return  # left running in the study: the next run resumes it
         timing = {"launched": launched, "ended": time.time(), "claim_s": claim.claim_seconds}
         search_study.set_user_attr(study, claim.number, search_study.TIMING, timing)  # (before it ends)
         self._finish(study, claim.number, folder, rc, last_error)
 
-    def _pump(self, number: int, proc: subprocess.Popen, log: Any) -> str:
-        """Copy the trial's output to its console.log; show its validations; keep its last error line."""
-        last_error = ""
-        assert proc.stdout is not None, "started with stdout=PIPE"
-        for raw in iter(proc.stdout.readline, b""):
-            log.write(raw)
-            log.flush()
-            line = _TAG.sub("", raw.decode(errors="replace")).rstrip()
-            if line.startswith("[validation]"):  # "[validation] batch 40  epoch 1.74  accuracy 0.88 ..."
-                parts = line.split()
-                self.say(number, f"validation at batch {parts[2]}: {' '.join(parts[5:])}")
-            elif "harness: error:" in line or line.startswith("harness launch: giving up"):
-                last_error = line.split("error: ", 1)[-1] if "error: " in line else line
-            elif line.startswith("harness launch: not restarting:"):
-                last_error = line.split("not restarting: ", 1)[1]
-        return last_error
+    def _previous_run_gone(self, number: int, folder: str) -> bool:
+        """A trial of a killed search may still be stopping (it checkpoints first): wait for it to let go of
+        its folder. If it does not, the search ends with one line and the trial stays resumable."""
+        still = child.wait_until_free(
+            folder,
+            PREVIOUS_RUN_SECONDS,
+            lambda who: self.say(number, f"waiting for its previous run ({who}) to stop"),
+        )
+        if still is None:
+            return True
+        with self.lock:
+            self.fatal = self.fatal or (
+                f"trial {number}: {folder} is still in use by {still} after {PREVIOUS_RUN_SECONDS:.0f} s; "
+                "end that run, then run the same command again"
+            )
+        return False
 
     def _finish(self, study: Any, number: int, folder: str, rc: int, error: str) -> None:
         from optuna.trial import TrialState
@@ -294,8 +298,9 @@ class Search:
 
     def run(self) -> int:
         os.makedirs(self.output, exist_ok=True)
-        with search_study.claim_lock(self.url, self.output, self.name):  # other machines may create it too
-            self._check_same_search(self.study())  # created (or found) before the workers
+        study = self.study()  # created (or found) before the workers, one process at a time
+        with search_study.claim_lock(self.url, self.name):  # other machines may check it too
+            self._check_same_search(study)
         with open(os.path.join(self.output, search_results.SEARCH_FILE), "w", encoding="utf-8") as f:
             json.dump(
                 {
@@ -380,12 +385,15 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for the console."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+_safe = search_study.safe_url
 
 
 def main(argv: List[str]) -> int:
     args = parse(argv)
-    spec = _load(args)
-    return Search(args, spec).run()
+    try:
+        search_study.storage_url(args.storage, args.output)  # a URL that cannot work: before the model loads
+        spec = _load(args)
+        return Search(args, spec).run()
+    except search_study.StorageUnreachable as e:  # not status 2: the same command may work later
+        say(f"harness: error: {e}", sys.stderr)
+        return e.exit_code

@@ -34,12 +34,15 @@ def trials(output: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
         found = reports.best(reports.points(entries, info["metric"]), info["smaller_is_better"])
         best = found[1] if found else None
         state = {"COMPLETE": "completed", "PRUNED": "stopped early"}.get(t.state.name, t.state.name.lower())
+        if state == "running" and _interrupted(t):
+            state = "interrupted"
         rows.append(
             {
                 "number": t.number,
                 "state": state,
                 "hparams": t.user_attrs.get(search_study.HPARAMS, {}),
                 "best": best,
+                "best_at": found[0] if found else None,
                 "batches": entries[-1]["batches"] if entries else 0,
                 "error": t.user_attrs.get(search_study.ERROR, ""),
                 "folder": folder,
@@ -52,6 +55,14 @@ def trials(output: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     return info, rows
 
 
+def _interrupted(t: Any) -> bool:
+    """A running trial whose search stopped it (SIGTERM) or died (SIGKILL): the same command resumes it."""
+    if t.user_attrs.get(search_study.INTERRUPTED):
+        return True
+    owner = t.system_attrs.get(search_study.OWNER)
+    return owner is None or not search_study.alive(owner)
+
+
 def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -60,10 +71,12 @@ def print_table(output: str) -> int:
     """The trials, best first, and where the best trial's checkpoints are. 1 if every trial failed."""
     info, rows = trials(output)
     names = sorted({n for r in rows for n in r["hparams"]})
-    header = ["trial", "state", *names, info["metric"], "batches"]
+    # The metric's best validation (not its last), the batch of that validation, and the batches trained.
+    header = ["trial", "state", *names, f"best {info['metric']}", "at batch", "batches"]
     table = [header] + [
         [str(r["number"]), r["state"], *(_cell(r["hparams"].get(n, "")) for n in names)]
-        + [_cell(r["best"]) if r["best"] is not None else "-", str(r["batches"])]
+        + ([_cell(r["best"]), str(r["best_at"])] if r["best"] is not None else ["-", "-"])
+        + [str(r["batches"])]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -73,10 +86,13 @@ def print_table(output: str) -> int:
     for r in rows:
         if r["error"]:
             print(f"trial {r['number']} failed: {r['error']}")
+    interrupted = [str(r["number"]) for r in rows if r["state"] == "interrupted"]
+    if interrupted:
+        print(f"interrupted: trial(s) {', '.join(interrupted)}; the same harness search command resumes them")
     best = _best_trial(rows)
-    if best is None:
+    if best is None:  # 1 once every trial has failed; trials still running (on another machine) may report
         print("no trial reported the searcher metric")
-        return 1
+        return 1 if all(r["state"] == "fail" for r in rows) else 0
     print(f"best trial: {best['number']} ({info['metric']} {best['best']:.5g}); its best checkpoint: "
           f"{_best_checkpoint(best['folder'], info) or 'none'}")  # fmt: skip
     return 0
