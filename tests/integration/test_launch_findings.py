@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 def launch(np, output, *args, launcher="gloo", timeout=120):
     """`harness launch -np NP --launcher L ARGS --output OUTPUT`, run to its end: (process, seconds)."""
-    argv = [runner.HARNESS, "launch", "-np", str(np), "--launcher", launcher, *map(str, args)]
+    chosen = ["--launcher", launcher] if launcher else []  # None: -np 1 runs without a launcher
+    argv = [runner.HARNESS, "launch", "-np", str(np), *chosen, *map(str, args)]
     return runner.timed([*argv, "--output", str(output)], timeout=timeout)
 
 
@@ -99,6 +100,12 @@ def test_full_disk_is_bad_input_not_retried(model_dir, tmp_path):
         assert error_lines(proc.stderr) and all(expected in line for line in error_lines(proc.stderr))
         assert "harness-failure-record" not in proc.stdout + proc.stderr  # the markers are left out
         assert seconds < 60
+        assert_nothing_left(output)
+
+        proc, _ = launch(1, output, model_dir, "--max-restarts", 3, launcher=None)  # one process, no launcher
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"harness launch: not restarting: {expected}" in proc.stdout, proc.stdout[-2000:]
+        assert "restart " not in proc.stdout and "SIGKILL" not in proc.stdout
         assert_nothing_left(output)
     finally:
         if subprocess.run(["umount", str(output)], capture_output=True).returncode != 0:
