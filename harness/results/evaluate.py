@@ -32,7 +32,7 @@ from harness.config import optimizations
 from harness.distributed import watchdog
 from harness.distributed.backend import Backend
 from harness.errors import HarnessError, say
-from harness.output import checkpoint
+from harness.output import checkpoint, provenance
 from harness.train import resume, setup
 from harness.train.report import format_metrics
 
@@ -187,18 +187,25 @@ def evaluate_command(args: argparse.Namespace, fail: Optional[Callable[..., None
 
 
 def _load(
-    checkpoint_dir: str, model_dir: Optional[str], device: Any = "cpu", flag: str = "model_dir="
+    checkpoint_dir: str,
+    model_dir: Optional[str],
+    device: Any = "cpu",
+    flag: str = "model_dir=",
 ) -> SimpleNamespace:
     """load_trial's work, with what export needs besides (the definition, the config, the adapter)."""
     from harness import definition
 
     ckpt = find_checkpoint(os.fspath(checkpoint_dir))
     state = checkpoint.read_state(ckpt)
-    recorded = state.get("model_dir")
-    if model_dir is None and (recorded is None or not os.path.isdir(recorded)):
-        what = f"names {recorded}, which does not exist" if recorded else "does not name its model definition"
-        raise HarnessError(f"checkpoint {ckpt} {what}; pass {flag}DIR (the model definition directory)")
-    directory = os.fspath(model_dir) if model_dir is not None else str(recorded)
+    if model_dir is not None:
+        directory = os.fspath(model_dir)
+    else:  # the folder the checkpoint names, where that is safe (output/provenance.py), and said
+        directory = provenance.recorded_definition(state, ckpt, flag)
+        say(
+            f"harness: importing the model definition in {directory} (named by checkpoint {ckpt}; its "
+            f"{len(state['model_files'])} .py files are those it was trained with)",
+            sys.stderr,  # stdout may be the caller's data (export prints the file it wrote there)
+        )
     cfg, _ = effective_config(directory, None, ckpt, state)
     model_def = definition.load_for(directory, cfg)
     parts = setup.start_trial(model_def, cfg, distributed.Local(), _seed(cfg))
@@ -332,7 +339,7 @@ def write_atomic(out: str, write: Callable[[str], None]) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     out = export_target(args.out, getattr(args, "force", False))
-    loaded = _load(args.checkpoint, args.model_dir, "cpu", flag="--model-dir ")
+    loaded = _load(args.checkpoint, args.model_dir, "cpu", "--model-dir ")
     if args.format == "state_dict":
         state = loaded.model.state_dict()
         write_atomic(out, lambda tmp: torch.save(state, tmp))

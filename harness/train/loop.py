@@ -19,6 +19,7 @@ from harness.distributed import under_launcher, watchdog
 from harness.distributed.backend import Backend
 from harness.distributed.preemption import StopSignals, StopVotes
 from harness.errors import Interrupted, say
+from harness.output import provenance
 from harness.search import trial as search_trial
 from harness.train import resume, setup
 from harness.train.report import Reporter
@@ -59,6 +60,7 @@ def train(
     validations = Validations(config)
     state = RunState(config, backend, model, run.optimizer, step, data, metrics, progress, validations)
     state.model_dir = model_def.directory  # in state.json: load_trial and export find the definition
+    state.model_files = provenance.fingerprint(model_def.directory) if backend.rank == 0 else None
     state.restore(start)  # resume: every piece of run state, as one
     backend.broadcast_model(model)
     setup.seed_everything(seed + backend.rank)  # per-rank randomness (dropout, augmentation) from here on

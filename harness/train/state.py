@@ -237,6 +237,7 @@ class RunState:
     progress: Progress
     validations: Validations
     model_dir: Optional[str] = None  # the model definition's folder, for load_trial / harness export
+    model_files: Optional[Dict[str, str]] = None  # sha256 of its .py files: which code made the weights
 
     def restore(self, start: Start) -> None:
         """Resume: every piece from the checkpoint (rank 0 reads it; the others receive it)."""
@@ -279,6 +280,7 @@ class RunState:
                 "hparams": cfg.hyperparameters,
                 "config": cfg.as_dict(),
                 "model_dir": self.model_dir,
+                "model_files": self.model_files,
                 "time": time.time(),
             }
             trainer = {"rng": rngs, "window": window, "step": self.step.state_dict()}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import FULL_DATASET_MODEL_DEF, GOOD_CONFIG, GOOD_DATA, GOOD_MODEL_
 import harness
 from harness import config, definition, distributed
 from harness.errors import HarnessError
-from harness.output import checkpoint
+from harness.output import checkpoint, provenance
 from harness.results import evaluate
 from harness.train import loop
 from harness.train.report import _fmt
@@ -184,6 +185,51 @@ def test_load_trial_of_a_checkpoint_that_does_not_name_its_model_directory(model
     assert not model.training
 
 
+def test_load_trial_imports_a_recorded_folder_only_with_the_code_that_trained(model_dir, tmp_path, capfd):
+    """A checkpoint names its model definition folder; load_trial imports it only if it holds the .py files
+    the checkpoint was trained with, belongs to this user and is not writable by all, and says so."""
+    write_model_def(model_dir)
+    ckpt = train(model_dir, tmp_path / "out")
+    capfd.readouterr()
+    harness.load_trial(ckpt)
+    said = capfd.readouterr().err
+    assert said == (
+        f"harness: importing the model definition in {model_dir} (named by checkpoint {ckpt}; its 2 .py "
+        "files are those it was trained with)\n"
+    )
+    planted = tmp_path / "planted"
+    shutil.copytree(model_dir, planted)
+    ran = tmp_path / "ran"
+    with open(planted / "model_def.py", "a") as f:
+        f.write(f"\nopen({str(ran)!r}, 'w').write('planted code ran')\n")
+    ask = "; pass model_dir=DIR (the model definition directory)"
+
+    def refused(**state):
+        rewrite_state(ckpt, **state)
+        with pytest.raises(HarnessError) as e:
+            harness.load_trial(ckpt)
+        assert not ran.exists()
+        return str(e.value)
+
+    assert refused(model_dir=str(planted)) == (
+        f"checkpoint {ckpt} names {planted}, whose files differ from those it was trained with "
+        f"(model_def.py){ask}"
+    )
+    forged = provenance.fingerprint(str(planted))  # an edited state.json can name the planted files' hashes
+    os.chown(planted / "model_def.py", 65534, 65534)
+    assert refused(model_files=forged) == (
+        f"checkpoint {ckpt} names {planted}, which this user cannot vouch for ({planted / 'model_def.py'} "
+        f"belongs to uid 65534){ask}"
+    )
+    os.chown(planted / "model_def.py", os.getuid(), os.getgid())
+    os.chmod(planted, 0o777)
+    assert refused().endswith(f"({planted} is writable by every user){ask}")
+    assert refused(model_files=None) == (
+        f"checkpoint {ckpt} names {planted} but records no hashes of its files (written before they were "
+        f"recorded): which code it ran cannot be checked{ask}"
+    )
+
+
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_export_round_trips(model_dir, tmp_path, how):
     write_model_def(model_dir, model_def=GOOD_MODEL_DEF if how == "script" else UNSCRIPTABLE_MODEL_DEF)
@@ -220,10 +266,9 @@ def test_export_that_cannot_script_nor_trace_is_one_line(model_dir, tmp_path):
     ckpt = train(model_dir, tmp_path / "out")
     proc = harness_cli("export", ckpt, "--format", "torchscript", "--out", tmp_path / "m.pt")
     assert proc.returncode == 2
-    line = proc.stderr.strip()
-    assert "\n" not in line and line.startswith(
-        "harness: error: cannot export as torchscript: torch.jit.script "
-    )
+    said, line = proc.stderr.strip().split("\n")  # which code it imported, then the error's one line
+    assert said.startswith(f"harness: importing the model definition in {model_dir} (named by checkpoint")
+    assert line.startswith("harness: error: cannot export as torchscript: torch.jit.script ")
     assert "; torch.jit.trace with the first validation batch's input failed (" in line
     assert not (tmp_path / "m.pt").exists()
 

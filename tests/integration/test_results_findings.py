@@ -33,7 +33,18 @@ def test_export_to_a_place_it_cannot_or_must_not_write_is_one_line(model_dir, tm
     ckpt = train_here(model_dir, tmp_path / "out")
     proc = runner.run(runner.harness("export", ckpt, "--format", "state_dict", "--out", "/proc/version"))
     one_line_error(proc, "--out /proc/version exists; pass --force to overwrite it")
-    args = ("export", ckpt, "--format", "torchscript", "--out", "/proc/version", "--force")
+    # --model-dir: no line saying which definition is imported (load_trial's provenance) before the error
+    args = (
+        "export",
+        ckpt,
+        "--model-dir",
+        model_dir,
+        "--format",
+        "torchscript",
+        "--out",
+        "/proc/version",
+        "--force",
+    )
     proc = runner.run(runner.harness(*args))
     assert proc.returncode == 2 and proc.stderr.startswith("harness: error: cannot write /proc/version: ")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -57,7 +68,8 @@ def test_a_checkpoint_holding_other_objects_than_tensors_is_one_line_naming_it(m
     manifest = json.load(open(f"{ckpt}/manifest.json"))
     manifest["files"]["model.pt"] = checkpoint._sha256(f"{ckpt}/model.pt")  # well-formed, checksums agree
     json.dump(manifest, open(f"{ckpt}/manifest.json", "w"))
-    proc = runner.run(runner.harness("export", ckpt, "--format", "state_dict", "--out", tmp_path / "w.pt"))
+    export = ("export", ckpt, "--model-dir", model_dir, "--format", "state_dict", "--out", tmp_path / "w.pt")
+    proc = runner.run(runner.harness(*export))
     one_line_error(
         proc,
         f"checkpoint file {ckpt}/model.pt holds objects other than tensors (argparse.Namespace); not loaded, "
