@@ -52,14 +52,15 @@ def _root_cause(
 ) -> str:
     """What ended the job: a rank's own error first; else a rank that died without a word (killed: its
     pid is registered but it left no error), before the errors the others got from its absence. Ranks
-    that harness launch killed itself (`killed_here`, after a lost machine) are not among the silent."""
+    that harness launch killed itself (`killed_here`, after a lost machine or another rank's failure) are not
+    among the silent, but for those whose own end the launcher had reported by then (a crash)."""
     own = [f for f in failures if not f.get("consequential")]
     if own:
         return f"[rank {own[0]['rank']}] {own[0]['message']}" if own[0].get("rank") else own[0]["message"]
     reported = {f.get("rank") for f in failures}
     registered = jobstate.ranks(state)
     if killed_here:
-        reported |= set(jobstate.ranks_here(state))
+        reported |= set(jobstate.ranks_here(state)) - set(exits)
     silent = sorted(r for r in registered if r not in reported)
     if not silent:
         return (
@@ -136,6 +137,7 @@ class _Job:
         self.proc: Optional[subprocess.Popen] = None
         self.terminating: List[int] = []
         self.ended_here = False  # this attempt's ranks on this machine were killed here (_end_if_failing)
+        self.exits_at_kill: Dict[int, str] = {}  # how ranks had ended, as the launcher said, by then
         self.failing_since: Optional[float] = None  # when this attempt was first seen to fail
         self.announced: Dict[int, Dict[str, Any]] = {}  # the failure records the ranks printed
         self.unreachable: Dict[str, str] = {}  # hosts the launcher could not reach: why
@@ -160,7 +162,7 @@ class _Job:
         )
         output = Output(proc)
         deadline = None
-        self.ended_here, self.failing_since = False, None
+        self.ended_here, self.failing_since, self.exits_at_kill = False, None, {}
         while True:
             try:
                 rc = proc.wait(timeout=0.25)
@@ -187,7 +189,7 @@ class _Job:
         now, said = time.monotonic(), output.announced_at
         if said is not None and now >= said + ANNOUNCED_GRACE_SECONDS and not output.lost:
             # A rank said its error and is exiting: nothing is gained by waiting for the launcher.
-            self.ended_here = True
+            self.ended_here, self.exits_at_kill = True, dict(output.exits)
             jobstate.signal_ranks(self.state, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             return
@@ -199,7 +201,7 @@ class _Job:
             rank = failed[0]["rank"]
             why = f"the launcher did not end the job {ENDING_GRACE_SECONDS:.0f} s after rank {rank} failed"
         print(f"harness launch: {why}; ending the job", flush=True)
-        self.ended_here = True
+        self.ended_here, self.exits_at_kill = True, dict(output.exits)
         jobstate.signal_ranks(self.state, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -335,13 +337,15 @@ def _attempts(
         if bad_input:  # bad input, a full disk: running it again would fail the same way
             print(f"harness launch: not restarting: {bad_input[0]['message']}", flush=True)
             return HarnessError.exit_code
+        if job.ended_here:  # what the launcher said after the kill is about the kill
+            exits = job.exits_at_kill
         cause = _root_cause(state, failures, rc, exits, killed_here=job.ended_here)
         if job.unreachable and not jobstate.ranks(state):
             cause = "; ".join(f"cannot reach host {h} ({why})" for h, why in job.unreachable.items())
         if restarts >= max_restarts:
             print(f"harness launch: giving up after {restarts} restarts; last failure: {cause}", flush=True)
             own = [f["exit_code"] for f in failures if not f.get("consequential") and f.get("exit_code")]
-            return own[0] if own else rc or 1  # the job's own exit status, not the launcher's
+            return own[0] if own else rc if rc > 0 else 1  # the job's own exit status, not the launcher's
         restarts += 1
         print(f"harness launch: restart {restarts} of {max_restarts} after failure: {cause}", flush=True)
         # No rank started (a host unreachable, rebooting?): give it time, longer each time in a row.

@@ -20,6 +20,10 @@ _EXIT_PATTERNS = (
     re.compile(r"process rank (?P<rank>\d+) with PID \d+ on node \S+ exited on signal (?P<signal>\d+)"),
 )
 
+# Open MPI's report of a rank's fatal signal, as it happens ("[1,1]<stderr>:[vm:01001] Signal: Segmentation
+# fault (11)"): mpirun itself took 60 s more to end the job (odls_base_sigkill_timeout, twice).
+_CRASH = re.compile(r"\[\d+,(?P<rank>\d+)\]<stderr>:\[[^\]]*\] Signal: [^(]*\((?P<signal>\d+)\)")
+
 
 # How launchers report a lost machine: ssh (horovodrun, mpirun) "Connection to 10.0.0.2 closed by remote
 # host.", Open MPI "ORTE has lost communication with a remote daemon".
@@ -49,7 +53,7 @@ class Output:
         self.lost: Optional[str] = None  # the machine the launcher reported lost
         self.announced: Dict[int, Dict[str, Any]] = {}  # failure records the ranks printed, by rank
         self.unreachable: Dict[str, str] = {}  # host: why (horovodrun's ssh check before any rank starts)
-        self.announced_at: Optional[float] = None  # when the first one came (time.monotonic())
+        self.announced_at: Optional[float] = None  # when the first one, or a crash report, came (monotonic)
         self.threads = [
             threading.Thread(target=self._pump, args=(src, dst), daemon=True)
             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
@@ -77,6 +81,10 @@ class Output:
                 m = pattern.search(line)
                 if m:
                     self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+            m = _CRASH.search(line)
+            if m:  # the rank is dying (Open MPI's report of its fatal signal): its last word, too
+                self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+                self.announced_at = self.announced_at or time.monotonic()
             self.failed = self.failed or "harness: error:" in line
             for pattern in _LOST_PATTERNS:
                 m = pattern.search(line)
