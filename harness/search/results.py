@@ -100,11 +100,9 @@ def print_table(output: str) -> int:
 
 def _best_checkpoint(folder: str, info: Dict[str, Any]) -> Optional[str]:
     """The trial's checkpoint with the best searcher metric (checkpoints keep their validation metrics)."""
-    from harness.output.checkpoint import checkpoint_dirs
-
-    root = os.path.join(folder, "checkpoints")
+    root = os.path.join(folder, "checkpoints")  # (reports, not checkpoint: no torch for a summary)
     ranked = reports.ranked_checkpoints(
-        root, checkpoint_dirs(root), info["metric"], info["smaller_is_better"]
+        root, reports.checkpoint_dirs(root), info["metric"], info["smaller_is_better"]
     )
     return os.path.join(root, str(ranked[0])) if ranked else None
 
