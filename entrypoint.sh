@@ -8,6 +8,9 @@ export PATH="$HARNESS_VENV/bin:$PATH" # also for shells started by ssh/mpirun, w
 MODEL_DEF="${HARNESS_MODEL_DEF:-/model_def}"
 OUTPUT="${HARNESS_OUTPUT:-/output}"
 SSHD_CONFIG="${HARNESS_SSHD_CONFIG:-/etc/ssh/harness_sshd_config}"
+# How long a pod's entrypoint waits for the ranks' checkpoint after SIGTERM: below Kubernetes' default grace
+# period (terminationGracePeriodSeconds: 30 s), which ends in SIGKILL; deploy/mpijob.yaml sets both.
+STOP_SECONDS="${HARNESS_STOP_SECONDS:-25}"
 LAUNCHER_VARS=(OMPI_COMM_WORLD_RANK HOROVOD_RANK PMI_RANK PMIX_RANK)
 
 say() { printf 'entrypoint: %s\n' "$*" >&2; }
@@ -21,6 +24,7 @@ usage() {
 usage: docker run [--gpus all] --shm-size=8g -v MODEL_DIR:/model_def -v OUT_DIR:/output IMAGE [HARNESS_ARGS]
        docker run ... IMAGE COMMAND [ARGS]      run a command instead (bash, harness, python, horovodrun ...)
        docker run ... IMAGE sshd [SSHD_ARGS]    be a worker of a multi-node job (sshd on port 2222)
+       docker run ... IMAGE mpirun [ARGS]       be the launcher of a multi-node job (Kubeflow MPIJob)
 
 Trains the model definition in $MODEL_DEF, writing metrics and config to $OUTPUT:
   harness $MODEL_DEF --output $OUTPUT [HARNESS_ARGS]
@@ -41,9 +45,15 @@ Environment:
   HOROVODRUN_ARGS    more horovodrun options, e.g. "--network-interface eth0 --verbose"
   HARNESS_SSH_PORT   the workers' ssh port (default 2222)
   HARNESS_MODEL_DEF, HARNESS_OUTPUT   other defaults than /model_def and /output
+  HARNESS_STOP_SECONDS   sshd and mpirun modes: how long to wait for the ranks' checkpoint after SIGTERM
+                     (default 25: below Kubernetes' default grace period of 30 s)
+  HARNESS_SSHD_HOST_KEY  sshd mode: the host key (default \$HOME/.ssh/id_rsa, the MPI Operator's layout)
 
 Signals: SIGTERM, SIGINT and SIGUSR1 are passed on to the ranks (docker stop -t SECONDS gives them time);
 the exit status is the job's (0 success, 2 bad input, 1 other failures; 128+N when killed by signal N).
+sshd mode: SIGTERM goes to the ranks on this machine; it waits for them (their checkpoint), stops sshd and
+exits 0. mpirun mode: SIGTERM becomes SIGUSR1 to mpirun (passed on to every rank; a second signal or
+HARNESS_STOP_SECONDS later: SIGTERM); it exits 143 when the ranks stopped before the end of training.
 EOF
   if command -v harness >/dev/null; then
     printf '\nharness options:\n'
@@ -64,19 +74,16 @@ count_gpus() {
   fi
 }
 
-# shellcheck disable=SC2329  # invoked by the traps below
-# The topmost processes of the job that run the harness (its ranks: not their DataLoader workers, not the
-# launcher's shells, which would take the job down with them), or the job's first process if none yet.
-forward_signal() {
-  local sig="$1"
-  signalled=1
-  [ -n "${child:-}" ] || return 0
-  say "SIG$sig: passing it on to the job"
-  "$HARNESS_VENV/bin/python" - "$child" "$sig" <<'PY' || kill -s "$sig" "$child" 2>/dev/null || true
-import os, signal, sys
+# The topmost processes under a pid that run the harness (the job's ranks: not their DataLoader workers, not
+# the launcher's shells, which would take the job down with them). `python -c "$RANKS_PY" forward PID SIG`
+# signals them, or PID itself if there are none yet; `... stop PID SIG SECONDS` signals them and waits,
+# at most SECONDS, until they have exited and then until PID has no child left (the launcher's ssh session,
+# whose orted tells mpirun that the ranks have ended: gone sooner, mpirun would abort the other pods' ranks).
+RANKS_PY='
+import os, signal, sys, time
 import psutil
 
-root, sig = psutil.Process(int(sys.argv[1])), getattr(signal, "SIG" + sys.argv[2])
+mode, root, sig = sys.argv[1], psutil.Process(int(sys.argv[2])), getattr(signal, "SIG" + sys.argv[3])
 ranks = []
 
 def visit(p):
@@ -89,13 +96,67 @@ def visit(p):
     except psutil.Error:
         pass
 
+def send(procs):
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+def running(procs):
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+def say(line):
+    print("entrypoint: " + line, file=sys.stderr, flush=True)
+
 visit(root)
-for p in ranks or [root]:
-    try:
-        p.send_signal(sig)
-    except psutil.Error:
-        pass
-PY
+if mode == "forward":
+    send(ranks or [root])
+    sys.exit(0)
+limit, start = float(sys.argv[4]), time.monotonic()
+name = "SIG" + sys.argv[3]
+if not ranks:
+    say(f"{name}: no harness rank on this pod; stopping sshd")
+    sys.exit(0)
+send(ranks)
+say(
+    f"{name}: passed on to the {len(ranks)} harness rank(s) on this pod (pids "
+    + " ".join(str(p.pid) for p in ranks)
+    + f"), which checkpoint at a batch agreed with the other pods; waiting up to {limit:g} s for them"
+)
+while running(ranks) and time.monotonic() - start < limit:
+    time.sleep(0.1)
+left, took = running(ranks), time.monotonic() - start
+if left:
+    say(
+        f"the checkpoint did not finish in {limit:g} s (HARNESS_STOP_SECONDS): the previous checkpoint is "
+        f"kept; {len(left)} rank(s) still running end with the pod"
+    )
+    sys.exit(1)
+while running(root.children()) and time.monotonic() - start < limit:
+    time.sleep(0.1)
+ended = "ended" if not running(root.children()) else f"still open after {limit:g} s"
+say(
+    f"the {len(ranks)} rank(s) on this pod ended {took:.1f} s after {name}; the launcher session "
+    f"{ended} ({time.monotonic() - start:.1f} s); stopping sshd"
+)
+'
+
+# shellcheck disable=SC2329  # invoked by the traps below
+# Signals the job's ranks (see RANKS_PY), or the job's first process if none yet.
+forward_signal() {
+  local sig="$1"
+  signalled=1
+  [ -n "${child:-}" ] || return 0
+  say "SIG$sig: passing it on to the job"
+  "$HARNESS_VENV/bin/python" -c "$RANKS_PY" forward "$child" "$sig" || kill -s "$sig" "$child" 2>/dev/null || true
 }
 
 # Runs the job in the background so that this script (PID 1 in a container, where signals without a
@@ -120,6 +181,103 @@ run_job() {
   exit "$status"
 }
 
+# `entrypoint.sh sshd`: a worker of a multi-node job (a pod of an MPIJob). This script stays PID 1 with sshd
+# as its child: pod deletion (preemption, a drain) sends SIGTERM to PID 1 only, and sshd as PID 1 would exit
+# and take the ranks down with it, without a checkpoint. Here SIGTERM goes to the harness ranks on this pod,
+# which checkpoint at a batch agreed with the other pods and exit; then sshd stops and the pod exits 0.
+serve_sshd() {
+  local key="${HARNESS_SSHD_HOST_KEY:-$HOME/.ssh/id_rsa}" # default: the layout the MPI Operator mounts
+  [ -r "$key" ] || die "sshd needs its host key $key (readable by uid $(id -u)) and, beside it," \
+    "authorized_keys: the MPI Operator's Secret mounted at $HOME/.ssh, or HARNESS_SSHD_HOST_KEY"
+  stop=""
+  trap 'stop=TERM' TERM
+  trap 'stop=INT' INT
+  /usr/sbin/sshd -D -e -f "$SSHD_CONFIG" -h "$key" "$@" &
+  child=$!
+  local status
+  if wait "$child"; then status=0; else status=$?; fi
+  [ -n "$stop" ] || exit "$status" # sshd ended on its own
+  trap '' TERM INT                 # kubelet sends one SIGTERM; more would only interrupt the wait below
+  status=0
+  "$HARNESS_VENV/bin/python" -c "$RANKS_PY" stop "$child" "$stop" "$STOP_SECONDS" || status=$?
+  kill -TERM "$child" 2>/dev/null || true
+  wait "$child" || true
+  exit "$status"
+}
+
+# `entrypoint.sh mpirun ARGS`: the launcher of an MPIJob. A first SIGTERM (or SIGINT, SIGUSR1) becomes
+# SIGUSR1 to mpirun, which passes it on to every rank without killing any (SIGTERM to mpirun kills them
+# after odls_base_sigkill_timeout): the ranks agree on a batch, checkpoint and exit, and mpirun with them.
+# A second signal, or HARNESS_STOP_SECONDS without an end, is SIGTERM to mpirun (its own stop).
+# Exit status: mpirun's; 143 when it ended 0 but the ranks stopped before the end of training (a pod
+# was deleted: rank 0 said `stopped by ...`), so that the MPIJob is not marked Succeeded.
+run_mpirun() {
+  local fifo scan status timer=""
+  fifo="$(mktemp -u)" && mkfifo "$fifo" && scan="$(mktemp)" || die "cannot make a fifo in ${TMPDIR:-/tmp}"
+  asked=""
+  for sig in TERM INT USR1; do
+    # shellcheck disable=SC2064  # expand $sig now
+    trap "stop_mpirun $sig" "$sig"
+  done
+  trap 'stop_mpirun ALRM' ALRM
+  # mpirun's stdout (the ranks' lines) passes through unchanged; rank 0's stop line is noted on the way.
+  {
+    trap '' TERM INT USR1 # it ends with mpirun's output (a terminal's Ctrl-C reaches the whole group)
+    while IFS= read -r line || [ -n "$line" ]; do
+      printf '%s\n' "$line"
+      case "$line" in *"stopped by "*" at batch "*"; checkpoint: "* | *"stopped by "*" during download_data()"*)
+        printf '%s\n' "${line#*stopped by }" >>"$scan" ;;
+      esac
+    done <"$fifo"
+  } &
+  local filter=$!
+  say "running: $*"
+  "$@" >"$fifo" &
+  child=$!
+  while :; do
+    signalled=0
+    if wait "$child"; then status=0; else status=$?; fi
+    [ "$signalled" = 1 ] || break
+    if [ "$asked" = 1 ] && [ -z "$timer" ]; then
+      # The deadline: a subshell that waits in a builtin (no sleep process left behind when it is killed).
+      {
+        read -rt "$STOP_SECONDS" <> <(:) || true
+        kill -s ALRM $$
+      } &
+      timer=$!
+    fi
+  done
+  [ -z "$timer" ] || kill "$timer" 2>/dev/null || true
+  # The filter ends once mpirun's output is read, unless a process left behind still holds it open.
+  local tries=50
+  while kill -0 "$filter" 2>/dev/null && [ $((tries -= 1)) -gt 0 ]; do sleep 0.1; done
+  kill -KILL "$filter" 2>/dev/null || true
+  rm -f "$fifo"
+  if [ "$status" = 0 ] && [ -s "$scan" ]; then
+    say "mpirun ended 0, but the ranks stopped before the end of training (stopped by $(tail -n 1 "$scan")): exit 143"
+    status=143
+  fi
+  rm -f "$scan"
+  exit "$status"
+}
+
+# shellcheck disable=SC2329  # invoked by the traps in run_mpirun
+stop_mpirun() {
+  signalled=1
+  if [ "$1" = ALRM ]; then
+    say "the checkpoint did not finish in $STOP_SECONDS s (HARNESS_STOP_SECONDS): SIGTERM to mpirun (it ends the ranks)"
+    kill -TERM "$child" 2>/dev/null || true
+  elif [ -z "$asked" ]; then
+    asked=1
+    say "SIG$1: SIGUSR1 to mpirun, which passes it on to every rank: they checkpoint at a batch they agree on" \
+      "and exit; waiting up to $STOP_SECONDS s"
+    kill -USR1 "$child" 2>/dev/null || true
+  else
+    say "SIG$1 again: SIGTERM to mpirun (it ends the ranks)"
+    kill -TERM "$child" 2>/dev/null || true
+  fi
+}
+
 # --- what to run ---------------------------------------------------------------------------------
 case "${1:-}" in
   -h | --help)
@@ -128,9 +286,10 @@ case "${1:-}" in
     ;;
   sshd)
     shift
-    key="$HOME/.ssh/id_rsa" # also the host key: the layout the MPI Operator mounts from its Secret
-    [ -r "$key" ] || die "sshd needs in $HOME/.ssh: id_rsa (readable by uid $(id -u)), authorized_keys"
-    exec /usr/sbin/sshd -D -e -f "$SSHD_CONFIG" -h "$key" "$@"
+    serve_sshd "$@"
+    ;;
+  mpirun)
+    run_mpirun "$@"
     ;;
 esac
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && [ ! -e "$1" ] && command -v "$1" >/dev/null; then

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -221,3 +222,145 @@ def test_sigterm_goes_to_the_ranks_not_the_launcher(env, np, exit_on_term):
     assert "SIGTERM: passing it on to the job" in stderr
     assert len([c for c in calls if c.endswith("got TERM") and c.startswith("rank")]) == int(np)
     assert "launcher got TERM" not in calls
+
+
+# A launcher like mpirun: -np copies of the command with OMPI_COMM_WORLD_RANK; SIGUSR1 is passed on to the
+# ranks (Open MPI's mpirun does so), SIGTERM kills them (mpirun's own stop).
+MPIRUN = """\
+#!/usr/bin/env bash
+echo "mpirun $*" >> "$CALLS"
+np=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -np) np="$2"; shift 2 ;;
+    --allow-run-as-root) shift ;;
+    *) break ;;
+  esac
+done
+pids=()
+for ((r = 0; r < np; r++)); do OMPI_COMM_WORLD_RANK=$r "$@" & pids+=($!); done
+trap 'echo "mpirun got USR1" >> "$CALLS"; kill -USR1 "${pids[@]}"' USR1
+trap 'echo "mpirun got TERM" >> "$CALLS"; kill -KILL "${pids[@]}"; exit 1' TERM
+status=0
+for p in "${pids[@]}"; do
+  while :; do
+    if wait "$p"; then s=0; else s=$?; fi
+    kill -0 "$p" 2>/dev/null || break
+  done
+  [ "$s" -le "$status" ] || status=$s
+done
+exit "$status"
+"""
+
+# A rank: on SIGUSR1 (unless IGNORE_USR1) it says the harness's stop line, as rank 0 does, and exits 0.
+RANK = """\
+#!/usr/bin/env bash
+trap 'echo "stopped by SIGUSR1 at batch 7; checkpoint: /output/checkpoints/7"; kill $sleeper; exit 0' USR1
+echo "rank $OMPI_COMM_WORLD_RANK training"
+if [ -n "${IGNORE_USR1:-}" ]; then
+  trap '' USR1
+  echo started >> "$CALLS.started"
+  exec sleep 60
+fi
+sleep "${RANK_SECONDS:-60}" &
+sleeper=$!
+echo started >> "$CALLS.started"
+wait
+"""
+
+
+@pytest.fixture
+def launched():
+    """The launchers a test started: whatever of them is left at its end is killed (the whole tree)."""
+    procs = []
+    yield procs
+    for proc in procs:
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def ranks_of(proc, rank_script):
+    """The stand-in ranks under a launcher."""
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if p.cmdline()[1:2] == [str(rank_script)]:
+                found.append(p)
+        except psutil.Error:  # a short-lived process, gone meanwhile
+            pass
+    return found
+
+
+def start_launcher(env, launched, **extra):
+    """`entrypoint.sh mpirun -np 2 RANK` with stand-ins, once both ranks run."""
+    bin_dir = env["tmp"] / "venv" / "bin"
+    write_script(bin_dir / "mpirun", MPIRUN)
+    write_script(env["tmp"] / "rank", RANK)
+    e = {k: v for k, v in dict(env["env"], **extra).items() if v is not None}
+    proc = subprocess.Popen(
+        ["bash", ENTRYPOINT, "mpirun", "--allow-run-as-root", "-np", "2", str(env["tmp"] / "rank")],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    launched.append(proc)
+    started = env["tmp"] / "calls.started"
+    deadline = time.monotonic() + 20
+    while not (started.exists() and len(started.read_text().split()) == 2):
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.1)
+    return proc
+
+
+def test_launcher_passes_sigterm_to_the_ranks_as_sigusr1_and_says_they_stopped_early(env, launched):
+    """An MPIJob's launcher pod deleted: mpirun gets SIGUSR1 (passed on to the ranks, which checkpoint), not
+    SIGTERM (it would kill them); the ranks' lines pass through; status 143: training did not finish."""
+    proc = start_launcher(env, launched)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    calls = (env["tmp"] / "calls").read_text().splitlines()
+    assert "mpirun got USR1" in calls and "mpirun got TERM" not in calls, (calls, err)
+    assert "rank 0 training" in out and out.count("stopped by SIGUSR1 at batch 7") == 2, out
+    assert "SIGTERM: SIGUSR1 to mpirun" in err
+    assert "the ranks stopped before the end of training (stopped by SIGUSR1 at batch 7;" in err
+    assert proc.returncode == 143, err
+
+
+def test_launcher_that_finishes_exits_0_and_a_stop_elsewhere_is_143(env, launched):
+    proc = start_launcher(env, launched, RANK_SECONDS="0.5")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.count("training") == 2, err
+    # a worker pod deleted alone: its ranks stop (rank 0 says so), mpirun ends 0, the launcher got no signal
+    (env["tmp"] / "calls.started").unlink()
+    proc = start_launcher(env, launched)
+    ranks = ranks_of(proc, env["tmp"] / "rank")
+    assert len(ranks) == 2, ranks
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "stopped before the end of training" in err, err
+    assert "SIGTERM" not in err
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_launcher_falls_back_to_sigterm_after_the_deadline_or_a_second_signal(env, launched, second_signal):
+    proc = start_launcher(env, launched, IGNORE_USR1="1", HARNESS_STOP_SECONDS="30" if second_signal else "1")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    if second_signal:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    calls = (env["tmp"] / "calls").read_text().splitlines()
+    assert calls.index("mpirun got USR1") < calls.index("mpirun got TERM"), calls
+    assert proc.returncode == 1 and time.monotonic() - started < 10, err
+    said = "SIGTERM again: SIGTERM to mpirun" if second_signal else "the checkpoint did not finish in 1 s"
+    assert said in err

@@ -238,7 +238,8 @@ def image():
         "home": f"/home/{user}",  # useradd --create-home's default
         "open_mpi": "openmpi-bin" in dockerfile,
         "sshd_mode": re.search(r"^\s*sshd\)\s*$", entrypoint, re.MULTILINE) is not None,
-        "sshd_env": set(re.findall(r"\$\{(HARNESS_SSHD_\w+)", entrypoint)),  # what `entrypoint.sh sshd` reads
+        # what `entrypoint.sh sshd` reads
+        "sshd_env": set(re.findall(r"\$\{(HARNESS_(?:SSHD_\w+|STOP_SECONDS))", entrypoint)),
         "rank_vars": _find(
             r"^LAUNCHER_VARS=\((.*)\)\s*$", entrypoint, "entrypoint.sh: LAUNCHER_VARS"
         ).split(),
@@ -246,6 +247,13 @@ def image():
             r'^MODEL_DEF="\$\{HARNESS_MODEL_DEF:-(\S+?)\}"', entrypoint, "entrypoint.sh: MODEL_DEF"
         ),
         "output": _find(r'^OUTPUT="\$\{HARNESS_OUTPUT:-(\S+?)\}"', entrypoint, "entrypoint.sh: OUTPUT"),
+        "stop_seconds": int(
+            _find(
+                r'^STOP_SECONDS="\$\{HARNESS_STOP_SECONDS:-(\d+)\}"',
+                entrypoint,
+                "entrypoint.sh: STOP_SECONDS",
+            )
+        ),
         "sshd_port": int(_find(r"^Port\s+(\d+)", _read("deploy/ssh/sshd_config"), "sshd_config: Port")),
         "ssh_port": int(_find(r"^\s*Port\s+(\d+)", _read("deploy/ssh/ssh_config"), "ssh_config: Port")),
     }
@@ -292,6 +300,11 @@ def launcher_problems(job, base, container):
     argv = list(container.get("command") or img["entrypoint"]) + list(container.get("args", []))
     if argv[: len(img["entrypoint"])] == img["entrypoint"] and len(argv) > len(img["entrypoint"]):
         argv = argv[len(img["entrypoint"]) :]  # entrypoint.sh execs a command given as its first argument
+    elif os.path.basename(argv[0]) == "mpirun":  # mpirun as PID 1 kills the ranks a few s after SIGTERM
+        return [
+            f"{base}.containers[0]: runs mpirun itself: pod deletion would kill the ranks without a "
+            f"checkpoint; run it through the entrypoint ({img['entrypoint'][0]} mpirun ...)"
+        ], None
     if os.path.basename(argv[0]) != "mpirun":
         return [f"{base}.containers[0]: runs {shlex.join(argv)!r}, not mpirun"], None
     options, program, program_args, problem = parse_mpirun(argv[1:])
@@ -476,6 +489,15 @@ def consistency_problems(job):
                     f"({img['uid']}, home {img['home']}, where the ssh keys are)"
                 )
         problems += volume_problems(job, base[role], pod, role)
+        # The entrypoint's wait for the ranks' checkpoint must end before kubelet's SIGKILL.
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        env = {v.get("name"): v.get("value") for v in pod["containers"][0].get("env", [])}
+        stop = int(env.get("HARNESS_STOP_SECONDS") or img["stop_seconds"])
+        if stop >= grace:
+            problems.append(
+                f"{base[role]}.terminationGracePeriodSeconds: {grace} s, but the entrypoint waits up to "
+                f"{stop} s (HARNESS_STOP_SECONDS) for the checkpoint: SIGKILL would come first"
+            )
     launcher_gpus = (launcher.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu")
     if launcher_gpus and not spec.get("runLauncherAsWorker"):
         problems.append(f"{base['Launcher']}.containers[0].resources: GPUs for a launcher that runs no rank")
@@ -659,6 +681,11 @@ CONSISTENCY_MISTAKES = [
         "-H/--hostfile: the operator writes the hostfile",
     ),
     (lambda j: container(launcher(j)).update(image="other:1"), "image: not the workers' image"),
+    (lambda j: container(launcher(j)).update(command=["mpirun"]), "runs mpirun itself: pod deletion"),
+    (
+        lambda j: worker(j)["template"]["spec"].pop("terminationGracePeriodSeconds"),
+        f"{W}.template.spec.terminationGracePeriodSeconds: 30 s, but the entrypoint waits up to 50 s",
+    ),
     (
         lambda j: container(worker(j)).update(env=[{"name": "NCCL_DEBUG", "value": "INFO"}]),
         "never reaches the ranks",

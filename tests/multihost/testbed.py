@@ -17,6 +17,7 @@ killed before its clean-up left is found by name (its pid in it) and removed by 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 SSH_PORT = 2222
+ENTRYPOINT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "entrypoint.sh"
+)
 SUBNET = "10.99.0"
 TOOLS = ("ip", "unshare", "nsenter", "mount", "/usr/sbin/sshd", "ssh", "ssh-keygen")
 
@@ -53,6 +57,17 @@ class Host:
     private: str  # this host's own disk: bound over /tmp inside the host
     unshare: Optional[subprocess.Popen] = None
     sshd: int = 0  # pid (in this machine's pid namespace) of the host's sshd, pid 1 of the host's own
+    pod: bool = False  # pid 1 is `entrypoint.sh sshd` (a worker pod of an MPIJob), with sshd its child
+
+
+@dataclass
+class PodEnd:
+    """How a pod ended after SIGTERM to its pid 1 (see TestBed.delete_pods)."""
+
+    host: Host
+    status: Optional[int]  # pid 1's exit status (None: it needed the SIGKILL)
+    seconds: float  # from SIGTERM until pid 1 and every other process of the pod had exited
+    killed: List[int]  # pids still there after the grace period, which got the SIGKILL
 
 
 PREFIX = (
@@ -82,18 +97,32 @@ def sweep_stale() -> None:
 
 class TestBed:
     def __init__(
-        self, hostnames: Sequence[str] = ("hosta", "hostb"), slots: int = 2, keep: Sequence[str] = ()
+        self,
+        hostnames: Sequence[str] = ("hosta", "hostb"),
+        slots: int = 2,
+        keep: Sequence[str] = (),
+        pods: Sequence[str] = (),
+        pod_env: Optional[Dict[str, str]] = None,
     ):
-        """`keep`: paths every host must see even if they lie under /tmp (the checkout, the virtualenv)."""
+        """`keep`: paths every host must see even if they lie under /tmp (the checkout, the virtualenv).
+        `pods`: hostnames whose pid 1 is the checkout's `entrypoint.sh sshd`, as in an MPIJob's worker pod,
+        with `pod_env` added to its environment (HARNESS_VENV, HARNESS_STOP_SECONDS, ...)."""
         sweep_stale()
         self.keep = list(keep)
+        self.pod_env = dict(pod_env or {})
         tag = f"{PREFIX}{os.getpid()}"
         self.base = tempfile.mkdtemp(prefix=f"harness-multihost-{os.getpid()}-", dir="/var/tmp")  # not /tmp
         self.shared = os.path.join(self.base, "shared")
         self.switch = f"{tag}s"
         self.slots = slots
         self.hosts = [
-            Host(f"{tag}{i}", hostname, f"{SUBNET}.{i + 1}", os.path.join(self.base, f"host{i}"))
+            Host(
+                f"{tag}{i}",
+                hostname,
+                f"{SUBNET}.{i + 1}",
+                os.path.join(self.base, f"host{i}"),
+                pod=hostname in pods,
+            )
             for i, hostname in enumerate(hostnames)
         ]
         self.namespaces: List[str] = []
@@ -156,10 +185,12 @@ class TestBed:
             self.made_run_sshd = True
         keys = os.path.join(self.base, "keys")
         config = os.path.join(host.private, "sshd_config")
+        host_key = f"{keys}/host_ed25519"
         with open(config, "w") as f:
             f.write(
-                f"Port {SSH_PORT}\nListenAddress {host.address}\nHostKey {keys}/host_ed25519\n"
-                f"AuthorizedKeysFile {keys}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                f"Port {SSH_PORT}\nListenAddress {host.address}\n"
+                + ("" if host.pod else f"HostKey {host_key}\n")  # a pod's entrypoint passes it (-h)
+                + f"AuthorizedKeysFile {keys}/authorized_keys\nPermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                 "PidFile none\nPrintMotd no\nMaxStartups 200\nMaxSessions 200\n"
             )
@@ -171,9 +202,13 @@ class TestBed:
             f"mkdir -p {private}/{rel} && mount --bind {path} {private}/{rel} && "
             for path, rel in self._under_tmp()
         )
+        serve = f"/usr/sbin/sshd -D -e -f {config}"
+        if host.pod:
+            env = dict(self.pod_env, HARNESS_SSHD_CONFIG=config, HARNESS_SSHD_HOST_KEY=host_key)
+            serve = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + f" {ENTRYPOINT} sshd"
         inside = (
             f"hostname {host.hostname} && {keep}mount --rbind {private} /tmp && "
-            f"mount -t tmpfs -o size=2g tmpfs /dev/shm && exec /usr/sbin/sshd -D -e -f {config}"
+            f"mount -t tmpfs -o size=2g tmpfs /dev/shm && exec {serve}"
         )
         log = open(os.path.join(host.private, "sshd.log"), "wb")
         host.unshare = subprocess.Popen(
@@ -280,9 +315,28 @@ class TestBed:
                 pass
         return killed
 
-    def restart_host(self, host: Host) -> None:
-        """The host comes back (a reboot): new hostname and mount namespaces, its sshd, its disk as it was."""
-        self._start(host)
+    def delete_pods(self, hosts: Sequence[Host], grace: float) -> List[PodEnd]:
+        """Delete pods as kubelet does: SIGTERM to each one's pid 1 at once, SIGKILL to whatever of a pod
+        is left after `grace` seconds. The pods' network namespaces stay (restart_host brings them back)."""
+        started = time.monotonic()
+        for host in hosts:
+            os.kill(host.sshd, signal.SIGTERM)
+        ends = {}
+        while len(ends) < len(hosts) and time.monotonic() - started < grace:
+            for host in hosts:
+                if host.name not in ends and host.unshare.poll() is not None and not self.pids(host):
+                    ends[host.name] = PodEnd(host, host.unshare.returncode, time.monotonic() - started, [])
+            time.sleep(0.05)
+        for host in hosts:
+            if host.name not in ends:
+                ends[host.name] = PodEnd(host, None, time.monotonic() - started, self.kill_host(host))
+        return [ends[h.name] for h in hosts]
+
+    def restart_host(self, *hosts: Host) -> None:
+        """The hosts come back (a reboot): new hostname and mount namespaces, their sshd, their disks as they
+        were."""
+        for host in hosts:
+            self._start(host)
         self._wait_for_sshd()
 
     def sshd_log(self, host: Host) -> str:
