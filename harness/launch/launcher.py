@@ -21,6 +21,8 @@ from harness.output import jobstate
 from harness.output.lock import HOLDER_ENV, OutputLock
 
 OUTPUT_ENV = "HARNESS_OUTPUT_DIR"  # where a Trainer script's ranks write (harness/trainer.py)
+# How long a launcher may outlive every rank before it is ended (it exits within about a second when well).
+LINGER_SECONDS = 10.0
 
 
 def _launch_command(
@@ -141,6 +143,9 @@ class _Job:
         self.failing_since: Optional[float] = None  # when this attempt was first seen to fail
         self.announced: Dict[int, Dict[str, Any]] = {}  # the failure records the ranks printed
         self.unreachable: Dict[str, str] = {}  # hosts the launcher could not reach: why
+        self.expected: Optional[int] = None  # this attempt's number of ranks
+        self.lingered = False  # the launcher outlived every rank and was ended here (_end_if_lingering)
+        self.ranks_gone_since: Optional[float] = None
 
     def on_term(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
@@ -163,6 +168,7 @@ class _Job:
         output = Output(proc)
         deadline = None
         self.ended_here, self.failing_since, self.exits_at_kill = False, None, {}
+        self.lingered, self.ranks_gone_since = False, None
         while True:
             try:
                 rc = proc.wait(timeout=0.25)
@@ -174,9 +180,37 @@ class _Job:
                     os.killpg(proc.pid, signal.SIGKILL)
                 if not self.terminating and not self.ended_here:
                     self._end_if_failing(proc, output)
+                    self._end_if_lingering(proc, command[0])
         output.join()
         self.announced, self.unreachable = output.announced, output.unreachable
         return rc, output.exits
+
+    def _end_if_lingering(self, proc: subprocess.Popen, launcher: str) -> None:
+        """Every rank (all on this machine) has exited and the launcher has not, LINGER_SECONDS later: seen
+        with horovodrun --gloo, which waits for the end of its ranks' output, held open by a process a
+        rank started (a background subprocess of the model definition). End it, and those processes."""
+        registered, here = jobstate.ranks(self.state), jobstate.ranks_here(self.state)
+        if self.expected is None or len(registered) != self.expected or len(here) != len(registered):
+            return  # ranks not started yet, or on other machines (their pids cannot be seen from here)
+        if any(jobstate.running(int(r["pid"])) for r in here.values()):
+            self.ranks_gone_since = None
+            return
+        now = time.monotonic()
+        self.ranks_gone_since = self.ranks_gone_since or now
+        if now < self.ranks_gone_since + LINGER_SECONDS:
+            return
+        print(
+            f"harness launch: every rank exited {LINGER_SECONDS:.0f} s ago, but {os.path.basename(launcher)} "
+            f"(pid {proc.pid}) still runs: a process the job started holds its output open; ending them",
+            flush=True,
+        )
+        self.lingered = True
+        groups = {int(r["pgid"]) for r in here.values() if r.get("pgid")} - {os.getpgrp()}
+        for group in [*groups, proc.pid]:  # the ranks' process groups hold what they started
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _end_if_failing(self, proc: subprocess.Popen, output: Output) -> None:
         """A machine is lost or a rank has failed, and the launcher has not ended the job within
@@ -325,7 +359,10 @@ def _attempts(
         reach = hosts.launcher_options(
             args.launcher or "horovodrun", where, args.ssh_port, args.network_interface
         )
+        job.expected = where.np
         rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args, script))
+        if job.lingered and not jobstate.failures(state, job.announced):
+            rc = 0  # every rank ended without an error of its own; only the launcher did not end
         if job.terminating:
             name = signal.Signals(job.terminating[0]).name
             print(f"harness launch: stopped by {name}; the job exited with status {rc}", flush=True)

@@ -49,7 +49,13 @@ def register_rank(output: str, rank: int) -> None:
     try:
         os.makedirs(directory, exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host_name(), "pid_space": _pid_space()}, f)
+            record = {
+                "pid": os.getpid(),
+                "pgid": os.getpgrp(),
+                "host": host_name(),
+                "pid_space": _pid_space(),
+            }
+            json.dump(record, f)
     except OSError as e:
         raise no_space(e, path) or e from None
 
@@ -112,6 +118,16 @@ def ranks_here(state: str) -> Dict[int, Dict[str, Any]]:
     """The registered ranks whose pids are this machine's (a pid from another machine is another process)."""
     here = _pid_space()
     return {r: v for r, v in ranks(state).items() if v.get("pid_space") == here}
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` (of this machine) still runs: an exited one that its parent has not yet
+    reaped (a zombie) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def signal_ranks(state: str, sig: int) -> int:

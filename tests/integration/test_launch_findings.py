@@ -203,3 +203,26 @@ def test_unreachable_host_is_one_line_per_attempt(model_dir, tmp_path):
     assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr
     assert seconds < 60
     assert_nothing_left(output)
+
+
+def test_a_launcher_that_outlives_its_ranks_is_ended(model_dir, tmp_path):
+    """Issue 24: horovodrun --gloo waits for the end of its ranks' output, which a process the model
+    definition started (here a background `sleep`) holds open after the ranks exit: it ran on for the whole
+    sleep (308 s for a 300 s one). harness launch ends it and those processes 10 s after the last rank."""
+    marker = str(tmp_path / "still-here")
+    background = (
+        f"import subprocess\nsubprocess.Popen(['bash', '-c', 'exec -a {marker} sleep 170'])\n"
+        + GOOD_MODEL_DEF
+    )
+    write_model_def(model_dir, model_def=background)
+    output = tmp_path / "out"
+    proc, seconds = launch(2, output, model_dir, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert seconds < 100, seconds
+    said = [line for line in proc.stdout.splitlines() if "still runs" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "harness launch: every rank exited 10 s ago, but horovodrun (pid "
+    )
+    assert "results: " in proc.stdout
+    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert_nothing_left(output)
