@@ -72,7 +72,8 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The file's sha256, read in 1 MB blocks (checkpoint manifests, model definition files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +132,7 @@ def _write(tmp: str, state: Dict[str, Any], model: Any, optimizer: Any, trainer:
     with open(os.path.join(tmp, STATE), "w") as f:
         json.dump(state, f, indent=1)
     files = [*TENSOR_FILES, STATE]
-    manifest = {"files": {n: _sha256(os.path.join(tmp, n)) for n in files}, "created": time.time()}
+    manifest = {"files": {n: sha256_file(os.path.join(tmp, n)) for n in files}, "created": time.time()}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     for name in [*files, MANIFEST]:
@@ -185,7 +186,7 @@ def verify(path: str) -> Optional[str]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{name} is missing"
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             return f"{name} does not match its checksum"
     if set(manifest.get("files", {})) != {*TENSOR_FILES, STATE}:
         return "the manifest does not list every file"

@@ -13,12 +13,12 @@ someone else names paths (and hashes) of their choosing: load it with a `model_d
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from typing import Any, Dict, Optional
 
 from harness.errors import HarnessError
+from harness.output.checkpoint import sha256_file
 
 MAX_FILES = 2000  # a model definition folder, not a home directory: beyond this nothing is recorded
 
@@ -34,7 +34,7 @@ def fingerprint(directory: str) -> Optional[Dict[str, str]]:
                 if len(found) >= MAX_FILES:
                     return None
                 path = os.path.join(root, name)
-                found[os.path.relpath(path, directory)] = _sha256(path)
+                found[os.path.relpath(path, directory)] = sha256_file(path)
     return found
 
 
@@ -76,11 +76,3 @@ def _not_ours(path: str) -> Optional[str]:
     if st.st_mode & stat.S_IWOTH:
         return "is writable by every user"
     return None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -67,7 +67,7 @@ def rewrite_state(ckpt, **changes):
         state.pop(key) if value is None else state.__setitem__(key, value)
     json.dump(state, open(path, "w"))
     manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
-    manifest["files"]["state.json"] = checkpoint._sha256(path)
+    manifest["files"]["state.json"] = checkpoint.sha256_file(path)
     json.dump(manifest, open(os.path.join(ckpt, "manifest.json"), "w"))
 
 

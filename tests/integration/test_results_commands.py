@@ -66,7 +66,7 @@ def test_a_checkpoint_holding_other_objects_than_tensors_is_one_line_naming_it(m
     weights = torch.load(f"{ckpt}/model.pt", weights_only=True)
     torch.save({**weights, "extra": argparse.Namespace(note="not a tensor")}, f"{ckpt}/model.pt")
     manifest = json.load(open(f"{ckpt}/manifest.json"))
-    manifest["files"]["model.pt"] = checkpoint._sha256(f"{ckpt}/model.pt")  # well-formed, checksums agree
+    manifest["files"]["model.pt"] = checkpoint.sha256_file(f"{ckpt}/model.pt")  # well-formed, checksums agree
     json.dump(manifest, open(f"{ckpt}/manifest.json", "w"))
     export = ("export", ckpt, "--model-dir", model_dir, "--format", "state_dict", "--out", tmp_path / "w.pt")
     proc = runner.run(runner.harness(*export))

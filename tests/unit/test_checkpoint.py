@@ -115,7 +115,7 @@ def test_checkpoint_is_loaded_as_data_never_code(model_dir, tmp_path, monkeypatc
     newest = tmp_path / "checkpoints" / "6"
     torch.save({"w": Evil()}, newest / "model.pt")
     manifest = json.load(open(newest / "manifest.json"))
-    manifest["files"]["model.pt"] = checkpoint._sha256(str(newest / "model.pt"))  # a well-formed manifest
+    manifest["files"]["model.pt"] = checkpoint.sha256_file(str(newest / "model.pt"))  # a well-formed manifest
     json.dump(manifest, open(newest / "manifest.json", "w"))
     ckpt = checkpoint.load_newest_valid(str(tmp_path / "checkpoints"))
     assert ckpt is not None and ckpt.path.endswith("/4")
