@@ -177,3 +177,14 @@ def pytest_terminal_summary(terminalreporter):
             f"{t} {s:.0f} s ({n} tests)" for t in TIERS for s, n in [_tier_seconds.get(t, (0, 0))] if n
         )
         terminalreporter.write_line(f"time per tier: {shown}")
+
+
+@pytest.fixture
+def forget_modules(tmp_path):
+    """Modules a test imported from its tmp_path (model definitions), and those paths, gone after it."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if str(tmp_path) in (getattr(sys.modules.get(name), "__file__", "") or ""):
+            del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]

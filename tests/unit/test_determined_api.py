@@ -48,13 +48,9 @@ def context_def(tmp_path, name, model_def, config=CONTEXT_CONFIG):
 
 
 @pytest.fixture(autouse=True)
-def forget_modules(tmp_path):
-    before = set(sys.modules)
+def _forget_modules(forget_modules):
+    """Each test's model definitions are imported afresh (tests/conftest.py)."""
     yield
-    for name in set(sys.modules) - before:
-        if str(tmp_path) in (getattr(sys.modules.get(name), "__file__", "") or ""):
-            del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
 
 
 # ----------------------------------------------------------------------------------------------------------

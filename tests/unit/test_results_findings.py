@@ -5,7 +5,6 @@ tensors disagree, and trials loaded side by side."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -235,16 +234,6 @@ HPARAM_DEF = CONTEXT_DEF.replace(
     "            nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))\n"
     "        )",
 )
-
-
-@pytest.fixture
-def forget_modules(tmp_path):
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if str(tmp_path) in (getattr(sys.modules.get(name), "__file__", "") or ""):
-            del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
 
 
 def test_two_loaded_trials_keep_their_own_hyperparameters(tmp_path, forget_modules):
