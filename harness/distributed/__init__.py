@@ -1,8 +1,9 @@
 """Ranks and their collectives: which backend this process runs under, and the threads it may use.
 
-`init()` returns a `Horovod` backend when the process runs under a launcher (horovodrun, mpirun) as one of
-several ranks, and a `Local` one otherwise, so `harness ./model_def` works without MPI and unit tests need no
-Horovod. Every backend implements `Backend` (backend.py).
+`init()` returns a `Horovod` backend when the process runs under horovodrun or mpirun as one of several ranks,
+a `TorchDistributed` one (torch_ddp.py) under torchrun or with HARNESS_BACKEND=torch, and a `Local` one for a
+single process, so `harness ./model_def` works without MPI and unit tests need no Horovod. Every backend
+implements `Backend` (backend.py).
 """
 
 from __future__ import annotations
@@ -16,15 +17,40 @@ from harness.distributed.backend import Backend
 from harness.distributed.chief import run_on_chief
 from harness.distributed.horovod import Horovod
 from harness.distributed.local import Local
+from harness.distributed.torch_ddp import TorchDistributed, torchrun_environment
+from harness.errors import HarnessError
 
-__all__ = ["Backend", "Horovod", "Local", "env_rank", "init", "run_on_chief", "set_threads", "under_launcher"]
+__all__ = [
+    "Backend",
+    "Horovod",
+    "Local",
+    "TorchDistributed",
+    "chosen_backend",
+    "env_rank",
+    "init",
+    "run_on_chief",
+    "set_threads",
+    "under_launcher",
+]
 
 _LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+BACKEND_ENV = "HARNESS_BACKEND"  # horovod | torch; unset: by the launcher's environment
+
+
+def chosen_backend() -> str:
+    """ "horovod" or "torch": HARNESS_BACKEND if set, else "torch" under torchrun and "horovod" otherwise."""
+    chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if chosen not in ("", "horovod", "torch"):
+        raise HarnessError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: expected 'horovod' or 'torch'")
+    if chosen:
+        return chosen
+    horovod_launched = any(v in os.environ for v in _LAUNCHER_VARS)
+    return "torch" if torchrun_environment() and not horovod_launched else "horovod"
 
 
 def under_launcher() -> bool:
-    """Whether a launcher (horovodrun, mpirun, an MPI operator) started this process as one of N ranks."""
-    return any(v in os.environ for v in _LAUNCHER_VARS)
+    """Whether a launcher (horovodrun, mpirun, an MPI operator, torchrun) started this process as one of N."""
+    return any(v in os.environ for v in _LAUNCHER_VARS) or torchrun_environment()
 
 
 def env_rank() -> int:
@@ -32,14 +58,27 @@ def env_rank() -> int:
     for v in _LAUNCHER_VARS:
         if v in os.environ:
             return int(os.environ[v])
+    if torchrun_environment():
+        return int(os.environ["RANK"])
     return 0
 
 
 def init() -> Backend:
-    """Start Horovod when a launcher started us; run as one local process when there is only one rank."""
-    if not under_launcher():
+    """Start the chosen backend when a launcher started us as one of several ranks; run as one local process
+    when there is only one."""
+    if chosen_backend() == "torch":
+        if not torchrun_environment() or int(os.environ["WORLD_SIZE"]) == 1:
+            return Local()
+        return TorchDistributed()
+    if not any(v in os.environ for v in _LAUNCHER_VARS):
         return Local()
-    backend = Horovod()
+    try:
+        backend = Horovod()
+    except ImportError as e:
+        raise HarnessError(
+            f"Horovod cannot be imported ({e}); run with the torch backend instead: "
+            "`harness launch --backend torch`, or torchrun --nproc-per-node N -m harness DIR"
+        ) from None
     return backend if backend.size > 1 else Local(backend.controller, backend.hvd)
 
 

@@ -1,11 +1,13 @@
 """The collectives the harness needs from a distributed backend, as one typed interface.
 
-`Local` (one process) and `Horovod` implement it; a torch.distributed backend would be a third. The loop,
+`Local` (one process), `Horovod` and `TorchDistributed` (torch_ddp.py) implement it. The loop,
 the checkpoint code and the adapters see only this Protocol, so mypy checks every call against it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Tuple, TypeVar
 
 import torch
@@ -24,7 +26,8 @@ class Backend(Protocol):
     local_rank: int
     local_size: int
     cross_rank: int
-    controller: str  # "none" (no launcher), "gloo" or "mpi"
+    controller: str  # how the harness's own collectives travel: "none" (no launcher), "gloo" or "mpi"
+    name: str  # "local", "horovod" or "torch"
 
     def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise sum over the ranks."""
@@ -48,6 +51,10 @@ class Backend(Protocol):
         """The optimizer whose gradients are averaged over the ranks (aggregation, compression: `options`);
         `backward_passes`: backward passes per batch (Determined's backward_passes_per_step)."""
 
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Forward passes inside keep their gradients on this rank (an aggregation window's batches but the
+        last: DDP's no_sync); nothing for backends whose optimizer counts the window itself (Horovod)."""
+
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Rank 0's weights and buffers into every rank's model."""
 
@@ -59,3 +66,16 @@ class Backend(Protocol):
 
     def shutdown(self) -> None:
         """End the backend (Horovod's background thread); the last call."""
+
+
+def dumps(obj: Any) -> bytes:
+    # torch.save, not pickle: pickled tensors (RNG states) fail to unpickle on torch >= 2.x storages, under
+    # Horovod's cloudpickle and torch.distributed's object collectives alike.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def loads(data: bytes) -> Any:
+    # Objects from our own ranks (RNG states, optimizer state, small dicts), never from files.
+    return torch.load(io.BytesIO(data), weights_only=False)

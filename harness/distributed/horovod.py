@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, TypeVar
 
 import torch
+
+from harness.distributed.backend import dumps as _dumps
+from harness.distributed.backend import loads as _loads
 
 if TYPE_CHECKING:
     from harness.config.optimizations import TrainingOptions
@@ -13,20 +16,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _dumps(obj: Any) -> bytes:
-    # torch.save, not pickle: Horovod's cloudpickle path cannot unpickle tensors on torch >= 2.x storages.
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _loads(data: bytes) -> Any:
-    # Objects from our own ranks (RNG states, optimizer state, small dicts), never from files.
-    return torch.load(io.BytesIO(data), weights_only=False)
-
-
 class Horovod:
     """Horovod's collectives; the MPI controller's barrier-like exchanges go through mpi4py."""
+
+    name = "horovod"
 
     def __init__(self) -> None:
         import horovod.torch as hvd
@@ -79,6 +72,11 @@ class Horovod:
             if options and options.gradient_compression
             else hvd.Compression.none,
         )
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return (
+            contextlib.nullcontext()
+        )  # hvd.DistributedOptimizer counts the window (backward_passes_per_step)
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         # Optimizer state is not broadcast with hvd.broadcast_optimizer_state: on a fresh optimizer that

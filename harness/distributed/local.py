@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, TypeVar
 
 import torch
@@ -25,6 +26,7 @@ class Local:
     local_rank = 0
     local_size = 1
     cross_rank = 0
+    name = "local"
 
     def __init__(self, controller: str = "none", hvd: Any = None):
         self.controller = controller
@@ -50,6 +52,9 @@ class Local:
         backward_passes: int = 1,
     ) -> torch.optim.Optimizer:
         return optimizer  # aggregation happens in OptimizerStep; compression has nothing to compress
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         pass

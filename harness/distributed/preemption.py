@@ -25,7 +25,18 @@ if TYPE_CHECKING:
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Substrings of an ancestor's command line that make it a launcher worth watching.
-LAUNCHER_MARKS = ("horovodrun", "mpirun", "mpiexec", "orterun", "prterun", "orted", "prted", "harness launch")
+LAUNCHER_MARKS = (
+    "horovodrun",
+    "mpirun",
+    "mpiexec",
+    "orterun",
+    "prterun",
+    "orted",
+    "prted",
+    "harness launch",
+    "torchrun",
+    "torch.distributed.run",
+)
 ORPHAN_EXIT_SECONDS = 30.0
 
 

@@ -27,7 +27,13 @@ GRACE_SECONDS = 15.0
 STARTUP_SECONDS = 300.0
 SETUP = "set-up"  # the phase from the end of start-up to the first batch
 # Frames in these files mean "waiting for other ranks", not "stuck in the trial's code".
-_WAITING_FILES = (os.sep + "horovod" + os.sep, os.sep + "mpi4py" + os.sep, "distributed.py")
+_WAITING_FILES = (
+    os.sep + "horovod" + os.sep,
+    os.sep + "mpi4py" + os.sep,
+    os.sep + os.path.join("torch", "distributed") + os.sep,  # the torch backend's collectives
+    os.sep + os.path.join("torch", "nn", "parallel") + os.sep,  # DDP's reducer
+    "distributed.py",
+)
 
 
 class Watchdog:

@@ -8,6 +8,7 @@ mode and frequency), the aggregation window's count.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
@@ -40,7 +41,15 @@ class ContextStep:
             s.optimizer.zero_grad()
 
     def forward(self) -> ContextManager[Any]:
-        return self.context.options.autocast(self.context.device.type)
+        """train_batch's context: autocast, and within an aggregation window but at its end, DDP's no_sync
+        (the torch backend; Horovod's optimizer counts the window itself)."""
+        autocast = self.context.options.autocast(self.context.device.type)
+        if self.context.window_ends:
+            return autocast
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.context.backend.no_sync())
+        stack.enter_context(autocast)
+        return stack
 
     def step(self, loss: Optional[torch.Tensor]) -> None:
         """After the trial's train_batch: the window's count, and at its end the scaler and schedulers."""

@@ -32,6 +32,7 @@ class OptimizerStep:
         options: Optional[TrainingOptions] = None,
         device: Optional[torch.device] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
+        no_sync: Optional[Callable[[], ContextManager[Any]]] = None,
     ):
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -42,6 +43,8 @@ class OptimizerStep:
         self._used_lrs: Optional[List[float]] = None
         # Horovod's DistributedOptimizer: gradients are allreduced by its hooks; we synchronize explicitly.
         self._horovod = hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+        # DDP (the torch backend) averages at the backward pass of every forward pass outside its no_sync.
+        self._no_sync = no_sync
         self._device_type = device_type = (device or torch.device("cpu")).type
         # The context API shares one scaler among its optimizers and updates it once per batch (`scaler`).
         self._own_scaler = scaler is None
@@ -56,8 +59,15 @@ class OptimizerStep:
         self.optimizer.zero_grad()
 
     def forward(self) -> ContextManager[Any]:
-        """The context of a forward pass and its loss (autocast, or nothing)."""
-        return self.options.autocast(self._device_type)
+        """The context of a forward pass and its loss (autocast, or nothing); within an aggregation window
+        but at its end, also DDP's no_sync (the torch backend)."""
+        autocast = self.options.autocast(self._device_type)
+        if self._no_sync is None or self.ends_window():
+            return autocast
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._no_sync())
+        stack.enter_context(autocast)
+        return stack
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward for this batch; the optimizer steps when the aggregation window is complete."""

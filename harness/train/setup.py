@@ -131,7 +131,7 @@ def build_training(
         builders.build_optimizer(parts.trial, model_def, model, hparams), model, parts.options
     )
     scheduler = builders.build_lr_scheduler(parts.trial, model_def, optimizer)
-    step = OptimizerStep(optimizer, scheduler, parts.options, parts.device)
+    step = OptimizerStep(optimizer, scheduler, parts.options, parts.device, no_sync=backend.no_sync)
     return Training(parts, global_batch, train_loader, sampler, val_loader, model, optimizer, step)
 
 
