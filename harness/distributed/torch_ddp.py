@@ -88,7 +88,7 @@ class TorchDistributed:
         return [loads(b) for b in out]
 
     def broadcast_object(self, obj: T) -> T:
-        box = [dumps(obj) if self.rank == 0 else None]
+        box: List[Any] = [dumps(obj) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self._group)
         return loads(box[0])
 
