@@ -1,6 +1,7 @@
 """Run Determined's published PyTorch examples unchanged, each with its own config, and print a table.
 
-    .venv/bin/python tests/conformance/determined_examples.py --repo PATH [--np 2] [--launcher gloo|mpi]
+    .venv/bin/python tests/conformance/determined_examples.py --repo PATH [--np 2] \
+        [--launcher gloo|mpi|torchrun]
 
 PATH is a clone of determined-ai/determined (a bare one will do). Each example's directory is taken from its
 release tag as it is (`git archive`); of its config only the training length is shortened where it is long
@@ -84,7 +85,10 @@ def run(example: Any, repo: str, work: str, np_: int, launcher: str, pythonpath:
         shortened(os.path.join(model_dir, config), length, config_path)
         command = [os.path.join(BIN, "harness"), model_dir, "--config", config_path, "--output", output]
         cwd = root
-    if np_ > 1 or launcher != "gloo":
+    if launcher == "torchrun":  # the torch backend
+        command = [os.path.join(BIN, "python"), "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(np_), "--no-python", *command]  # fmt: skip
+    elif np_ > 1 or launcher != "gloo":
         hosts = f"localhost:{np_}"
         command = [os.path.join(BIN, "horovodrun"), f"--{launcher}", "-np", str(np_), "-H", hosts, *command]
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=pythonpath)
@@ -102,7 +106,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", required=True, help="a clone of determined-ai/determined")
     p.add_argument("--np", type=int, default=2)
-    p.add_argument("--launcher", choices=("gloo", "mpi"), default="gloo")
+    p.add_argument("--launcher", choices=("gloo", "mpi", "torchrun"), default="gloo")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "determined-examples-run"))
     p.add_argument("--only", help="run the examples whose name contains this")
     args = p.parse_args()

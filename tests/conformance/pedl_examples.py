@@ -1,6 +1,6 @@
 """Run PEDL's published PyTorch examples unchanged, each with its own config, and print a table.
 
-    .venv/bin/python tests/conformance/pedl_examples.py --repo PATH [--np 2] [--launcher gloo|mpi]
+    .venv/bin/python tests/conformance/pedl_examples.py --repo PATH [--np 2] [--launcher gloo|mpi|torchrun]
 
 PATH is a clone of determined-ai/pedl-examples (a bare one will do). Each example's directory is taken
 from its commit as it is (`git archive`); of its config only the training length is shortened
@@ -187,6 +187,15 @@ def run(example, repo: str, work: str, np_: int, launcher: str, pythonpath: str)
         f"localhost:{np_}",
         *harness,
     ]
+    if launcher == "torchrun":  # the torch backend
+        run_ = [
+            os.path.join(BIN, "python"),
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+        ]
+        command = [*run_, str(np_), "--no-python", *harness]
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=pythonpath)
     proc, seconds, metrics, error = run_example(command, root, env, output)
     errors = [error] if error else []
@@ -207,7 +216,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", required=True, help="a clone of determined-ai/pedl-examples")
     p.add_argument("--np", type=int, default=2)
-    p.add_argument("--launcher", choices=("gloo", "mpi"), default="gloo")
+    p.add_argument("--launcher", choices=("gloo", "mpi", "torchrun"), default="gloo")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "pedl-examples-run"))
     p.add_argument("--only", help="run the examples whose name contains this")
     p.add_argument(
