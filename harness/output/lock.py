@@ -3,6 +3,11 @@
 The lock is an ``flock`` on the file, so the kernel drops it when its holder dies, however it dies; the
 file's content (pid, host, time) names the holder in the message a second run gets. `harness launch` holds
 the lock for its whole life and tells its ranks (HARNESS_OUTPUT_LOCK_HOLDER) that it holds it for them.
+
+Under torchrun's elastic agent each membership change starts new ranks, and rank 0 may move to another
+machine: the record names the job (TORCHELASTIC_RUN_ID, torchrun's --rdzv-id), and a rank 0 of the same job
+that finds the lock still held waits for the previous worker to let go (up to JOB_WAIT_SECONDS) instead of
+refusing: on shared storage such as NFS a lost machine's lock outlives it until the server's lease expires.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, say
 
 LOCK_FILE = ".lock"
 HOLDER_ENV = "HARNESS_OUTPUT_LOCK_HOLDER"  # set by `harness launch` for its ranks: the pid holding the lock
+JOB_ENV = "TORCHELASTIC_RUN_ID"  # torchrun's job id (--rdzv-id): the same job across its elastic restarts
+JOB_WAIT_SECONDS = 120.0  # NFSv4's default lease is 90 s: a lost client's lock is gone by then
 
 
 class LockRefused(HarnessError):
@@ -57,9 +65,10 @@ class OutputLock:
         self._fd: Optional[int] = None
         self.holder = f"{os.getpid()}@{socket.gethostname()}"  # HOLDER_ENV's value while this one holds it
 
-    def acquire(self) -> Optional[str]:
+    def acquire(self, job_wait: Optional[float] = None) -> Optional[str]:
         """Take the lock or raise a HarnessError naming its holder; returns a note if a dead run's lock
-        was taken over (None otherwise)."""
+        was taken over (None otherwise). A holder of the same torchrun job (JOB_ENV) is waited for, up to
+        `job_wait` seconds (default JOB_WAIT_SECONDS)."""
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,23 +78,21 @@ class OutputLock:
         if holder_value(previous) and os.environ.get(HOLDER_ENV) == holder_value(previous):
             os.close(fd)  # our supervisor holds it for us
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd, previous, JOB_WAIT_SECONDS if job_wait is None else job_wait, self.path):
             os.close(fd)
+            same_job = " (an earlier worker of this job, waited for in vain)" if _same_job(previous) else ""
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("time", 0)))
             raise LockRefused(
                 f"output directory {os.path.dirname(self.path)} is in use by another run (pid "
-                f"{previous.get('pid', '?')} on {previous.get('host', '?')}, since {since}); "
+                f"{previous.get('pid', '?')} on {previous.get('host', '?')}, since {since}){same_job}; "
                 "wait for it to end, or use another --output"
             ) from None
+        record: Dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        if os.environ.get(JOB_ENV):
+            record["job"] = os.environ[JOB_ENV]
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(
-                fd,
-                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(),
-                0,
-            )
+            os.pwrite(fd, json.dumps(record).encode(), 0)
         except OSError as e:
             os.close(fd)
             raise no_space(e, self.path) or e from None
@@ -108,6 +115,33 @@ class OutputLock:
                 self._fd = None
                 if self in _held:
                     _held.remove(self)
+
+
+def _same_job(previous: Dict[str, Any]) -> bool:
+    """Whether the lock's record names this process's torchrun job (an earlier worker of it)."""
+    job = os.environ.get(JOB_ENV)
+    return bool(job) and previous.get("job") == job
+
+
+def _lock(fd: int, previous: Dict[str, Any], job_wait: float, path: str) -> bool:
+    """flock `fd`; when an earlier worker of the same torchrun job holds it, wait up to `job_wait` s for
+    it (said once). Whether the lock is ours."""
+    deadline, said = time.monotonic() + job_wait, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not _same_job(previous) or time.monotonic() >= deadline:
+                return False
+        if not said:
+            say(
+                f"harness: waiting up to {job_wait:.0f} s for the earlier worker of job {previous['job']} "
+                f"(pid {previous.get('pid', '?')} on {previous.get('host', '?')}) to let go of {path}",
+                sys.stderr,
+            )
+            said = True
+        time.sleep(0.2)
 
 
 def _read(fd: int) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from harness.config import ExperimentConfig
 from harness.distributed.backend import Backend
-from harness.errors import HarnessError
+from harness.errors import HarnessError, say
 from harness.output import checkpoint
 from harness.train import resume
 from harness.train.metrics import MetricAccumulator, first_nonfinite, means
@@ -219,6 +219,7 @@ def find_start(output_dir: str, fresh: bool, resume_from: Optional[str], backend
             "best": ckpt.state.get("best"),
             "config": ckpt.state.get("config", {}),
             "rng": ckpt.trainer["rng"],
+            "ranks": ckpt.state.get("ranks"),
         }
     return Start(backend.broadcast_object(small), ckpt, plan)
 
@@ -262,6 +263,10 @@ class RunState:
         self.metrics.load_state_dict(ckpt.trainer["window"] if ckpt else None, backend, self.progress.batches)
         if mine is not None:  # a run on more ranks than the checkpoint's: the new ranks start their RNG anew
             self.data.load_state_dict(mine)
+        if backend.rank == 0:
+            line = other_ranks(resumed.get("ranks"), backend.size, self.data.per_rank_batch * backend.size)
+            if line:
+                say(line)
 
     def save(self, output_dir: str) -> str:
         """Checkpoint OUTPUT/checkpoints/<batches> (rank 0 writes it); returns its folder on every rank."""
@@ -299,3 +304,16 @@ class RunState:
         path = backend.broadcast_object(path)  # also a barrier: the checkpoint is complete for everyone
         assert path is not None, "rank 0 wrote it"
         return path
+
+
+def other_ranks(saved: Optional[int], now: int, global_batch: int) -> Optional[str]:
+    """The line that says a resume runs at another number of ranks than the checkpoint's (an elastic
+    restart, or a launcher's other -np): the global batch and the position in the data stay; each rank's
+    share of the batch changes. None when the numbers are equal (or the checkpoint predates the count)."""
+    if not isinstance(saved, int) or saved == now:
+        return None
+    return (
+        f"resuming at another number of ranks: the checkpoint was written by {saved} rank"
+        f"{'s' if saved != 1 else ''}, this run has {now}; the global batch stays {global_batch} "
+        f"({global_batch // now} records per rank, was {global_batch // saved})"
+    )
