@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional
 
 USAGE_EPILOG = """\
@@ -45,7 +46,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar (also off when stdout is no terminal)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        # torchrun's agent restarted the ranks (a failure, a machine that left or joined): they go on from
+        # the newest checkpoint, as after a restart by harness launch, not from --fresh or --resume again.
+        args.fresh, args.resume = False, None
+    return args
 
 
 def parse_model_use_args(argv: List[str]) -> argparse.Namespace:

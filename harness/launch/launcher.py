@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness.arguments import parse_args
 from harness.config import yaml12
 from harness.errors import HarnessError
-from harness.launch import hosts
+from harness.launch import hosts, torchrun
 from harness.launch.output import ANNOUNCED_GRACE_SECONDS, ENDING_GRACE_SECONDS, Output
+from harness.launch.verdict import root_cause as _root_cause
 from harness.output import jobstate
 from harness.output.lock import HOLDER_ENV, OutputLock
 
@@ -47,56 +48,6 @@ def _launch_command(
     flag = {"gloo": ["--gloo"], "mpi": ["--mpi"], "horovodrun": []}[launcher]
     horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(sys.executable), "horovodrun")
     return [horovodrun, *flag, "-np", str(where.np), "-H", on, *reach, *harness]
-
-
-def _root_cause(
-    state: str, failures: List[Dict[str, Any]], rc: int, exits: Dict[int, str], killed_here: bool = False
-) -> str:
-    """What ended the job: a rank's own error first; else a rank that died without a word (killed: its
-    pid is registered but it left no error), before the errors the others got from its absence. Ranks
-    that harness launch killed itself (`killed_here`, after a lost machine or another rank's failure) are not
-    among the silent, but for those whose own end the launcher had reported by then (a crash)."""
-    own = [f for f in failures if not f.get("consequential")]
-    if own:
-        return f"[rank {own[0]['rank']}] {own[0]['message']}" if own[0].get("rank") else own[0]["message"]
-    reported = {f.get("rank") for f in failures}
-    registered = jobstate.ranks(state)
-    if killed_here:
-        reported |= set(jobstate.ranks_here(state)) - set(exits)
-    silent = sorted(r for r in registered if r not in reported)
-    if not silent:
-        return (
-            failures[0]["message"]
-            if failures
-            else f"the launcher exited with status {rc} before any rank started"
-        )
-    after = f"; then: {failures[0]['message'].split('. ')[0]}" if failures else ""
-    host_of = {r: registered[r].get("host", "?") for r in registered}
-    lost = [
-        h for h in dict.fromkeys(host_of.values()) if all(r in silent for r in host_of if host_of[r] == h)
-    ]
-    if len(set(host_of.values())) > 1 and lost:  # every rank of a machine went at once: the machine is gone
-        gone = [r for r in silent if host_of[r] in lost]
-        return (
-            f"lost {', '.join(lost)}: {_ranks(gone, registered, where=False)} died without an error of their "
-            f"own (the machine, its network or its ssh connection went away?){after}"
-        )
-    known = [f"{_ranks([r], registered)} {exits[r]}" for r in silent if r in exits]
-    if known:
-        return f"{', '.join(known)}, without an error of its own{after}"
-    return (
-        f"{_ranks(silent, registered)} died without an error of its own (killed by a signal: SIGKILL, the "
-        f"out-of-memory killer, a crash?){after}"
-    )
-
-
-def _ranks(which: List[int], registered: Dict[int, Dict[str, Any]], where: bool = True) -> str:
-    """`rank 2 (pid 4242), rank 3 (pid 4243) on hostb`: the machine is named where there are several."""
-    said = ", ".join(f"rank {r} (pid {registered[r].get('pid')})" for r in which)
-    on = {registered[r].get("host") for r in which}
-    if where and len(on) == 1 and len({v.get("host") for v in registered.values()}) > 1:
-        said += f" on {on.pop()}"
-    return said
 
 
 def _without(args: List[str], flag: str, takes_value: bool) -> List[str]:
@@ -146,6 +97,8 @@ class _Job:
         self.expected: Optional[int] = None  # this attempt's number of ranks
         self.lingered = False  # the launcher outlived every rank and was ended here (_end_if_lingering)
         self.ranks_gone_since: Optional[float] = None
+        # torchrun's elastic agent: a lost machine or a failed rank is its to handle (a restart in the job)
+        self.elastic = False
 
     def on_term(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and signal.SIGINT in self.terminating and self.proc is not None:
@@ -159,9 +112,9 @@ class _Job:
         if not jobstate.signal_ranks(self.state, signal.SIGTERM) and self.proc is not None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # no rank running here: stop the launcher
 
-    def run(self, command: List[str]) -> Tuple[int, Dict[int, str]]:
+    def run(self, command: List[str], shown: Optional[str] = None) -> Tuple[int, Dict[int, str]]:
         """Run the launcher to its end; returns its status and how each rank ended, as it said."""
-        print(f"harness launch: {' '.join(command)}", flush=True)
+        print(f"harness launch: {shown or ' '.join(command)}", flush=True)
         proc = self.proc = subprocess.Popen(
             command, env=self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -178,7 +131,8 @@ class _Job:
                     deadline = time.monotonic() + 60
                 if deadline is not None and time.monotonic() > deadline:
                     os.killpg(proc.pid, signal.SIGKILL)
-                if not self.terminating and not self.ended_here:
+                    jobstate.signal_ranks(self.state, signal.SIGKILL)  # torchrun's: sessions of their own
+                if not self.terminating and not self.ended_here and not self.elastic:
                     self._end_if_failing(proc, output)
                     self._end_if_lingering(proc, command[0])
         output.join()
@@ -252,9 +206,9 @@ class _Job:
 def _parser(script: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness launch",
-        usage="harness launch [-np N] [-H HOSTS | --hostfile F | --host-discovery-script S] [--launcher L] "
-        "[--max-restarts N] MODEL_DIR [options]\n       harness launch [-np N ...] [--output OUT] -- python "
-        "train.py  (a Determined Trainer script)",
+        usage="harness launch [-np N] [-H HOSTS | --hostfile F | --host-discovery-script S] [--launcher L | "
+        "--backend torch [--min-np A --max-np B]] [--max-restarts N] MODEL_DIR [options]\n       "
+        "harness launch [-np N ...] [--output OUT] -- python train.py  (a Determined Trainer script)",
         description="Run the job under a launcher and restart it from the newest checkpoint after a failure "
         "(at most max_restarts times; bad input, exit status 2, is not retried). SIGTERM is passed on to the "
         "ranks, which checkpoint and exit 0.",
@@ -275,6 +229,15 @@ def _parser(script: bool = False) -> argparse.ArgumentParser:
         help="default horovodrun; with -np 1 and no -H, the one process runs without a launcher",
     )
     p.add_argument("--max-restarts", type=int, help="overrides the config's max_restarts")
+    p.add_argument(
+        "--backend",
+        choices=["horovod", "torch"],
+        default=os.environ.get(torchrun.BACKEND_ENV, "").strip().lower() or "horovod",
+        help="horovod (horovodrun, the default) or torch (torchrun and torch.distributed; default "
+        f"${torchrun.BACKEND_ENV} if set)",
+    )
+    p.add_argument("--min-np", type=int, help="--backend torch: elastic, at least this many ranks")
+    p.add_argument("--max-np", type=int, help="--backend torch: elastic, at most this many ranks")
     if script:
         p.add_argument("--output", help=f"the script's output folder (default ${OUTPUT_ENV}, else ./output)")
     return p
@@ -293,6 +256,7 @@ def launch(argv: List[str]) -> int:
             "(drop the word 'harness' after the launch options)"
         )
     source = hosts.HostSource(args.np, args.hosts, args.hostfile, args.host_discovery_script)
+    args.elastic = torchrun.check_options(args.backend, args.launcher, args.np, args.min_np, args.max_np)
     train_args = parse_args(harness_args)
     harness_args = _config_for_ranks(harness_args, train_args.config, train_args.output)
     train_args = parse_args(harness_args)
@@ -318,6 +282,7 @@ def _launch_script(options: List[str], script: List[str]) -> int:
         raise HarnessError("harness launch [options] -- COMMAND: no command after '--' (e.g. python x.py)")
     args = _parser(script=True).parse_args(options)
     source = hosts.HostSource(args.np, args.hosts, args.hostfile, args.host_discovery_script)
+    args.elastic = torchrun.check_options(args.backend, args.launcher, args.np, args.min_np, args.max_np)
     output = os.path.abspath(args.output or os.environ.get(OUTPUT_ENV) or "output")
     os.environ[OUTPUT_ENV] = output  # for the ranks (horovodrun passes the environment; mpirun: -x)
     max_restarts = 5 if args.max_restarts is None else args.max_restarts
@@ -347,7 +312,14 @@ def _attempts(
     # Open MPI's ranks busy-poll while they wait (start-up, every collective): on a machine with no core to
     # spare they starve the ranks with work. Yielding made MPI as fast as Gloo there (docs/launching.md).
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    if args.backend == "torch":
+        env[torchrun.BACKEND_ENV] = "torch"  # the ranks' backend, also for a single process
+    elif source.fixed or source.script or (source.np or 1) > 1:
+        torchrun.check_horovod(args.launcher)
+    if args.elastic:  # torchrun's agent restarts the ranks (after failures, at most max_restarts times)
+        max_restarts, agent_restarts = 0, max_restarts
     job = _Job(state, env)
+    job.elastic = bool(args.elastic)
     signal.signal(signal.SIGTERM, job.on_term)
     signal.signal(signal.SIGINT, job.on_term)
     restarts, unreachable = 0, 0
@@ -356,11 +328,23 @@ def _attempts(
         where = source.placement()
         if where.note:
             print(f"harness launch: {where.note}", flush=True)
-        reach = hosts.launcher_options(
-            args.launcher or "horovodrun", where, args.ssh_port, args.network_interface
-        )
         job.expected = where.np
-        rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args, script))
+        if args.backend == "torch" and (where.np > 1 or where.hosts or args.elastic):
+            job.env = torchrun.threads_for_ranks(env, torchrun.ranks_per_machine(where))
+            ranks = script or harness_args
+            plan = torchrun.plan(
+                where, ranks, bool(script), job.env, args.ssh_port, args.network_interface, args.elastic,
+                agent_restarts if args.elastic else 0, f"harness-{os.getpid()}",
+            )  # fmt: skip
+            if plan.join:
+                print(f"harness launch: to add a machine, run there: {plan.join}", flush=True)
+            job.env = plan.env
+            rc, exits = job.run(plan.command, plan.shown)
+        else:
+            reach = hosts.launcher_options(
+                args.launcher or "horovodrun", where, args.ssh_port, args.network_interface
+            )
+            rc, exits = job.run(_launch_command(args.launcher, where, reach, harness_args, script))
         if job.lingered and not jobstate.failures(state, job.announced):
             rc = 0  # every rank ended without an error of its own; only the launcher did not end
         if job.terminating:

@@ -20,6 +20,10 @@ _EXIT_PATTERNS = (
     re.compile(r"process rank (?P<rank>\d+) with PID \d+ on node \S+ exited on signal (?P<signal>\d+)"),
 )
 
+# torchrun's "Root Cause" box: "  rank      : 1 (local_rank: 1)", then "  exitcode  : -9 (pid: 4242)".
+_TORCH_RANK = re.compile(r"^\s*rank\s*:\s*(?P<rank>\d+) \(local_rank: \d+\)")
+_TORCH_EXIT = re.compile(r"^\s*exitcode\s*:\s*(?P<status>-?\d+) \(pid: \d+\)")
+
 # Open MPI's report of a rank's fatal signal, as it happens ("[1,1]<stderr>:[vm:01001] Signal: Segmentation
 # fault (11)"): mpirun itself took 60 s more to end the job (odls_base_sigkill_timeout, twice).
 _CRASH = re.compile(r"\[\d+,(?P<rank>\d+)\]<stderr>:\[[^\]]*\] Signal: [^(]*\((?P<signal>\d+)\)")
@@ -64,6 +68,7 @@ class Output:
     def _pump(self, src: Any, dst: Any) -> None:
         quiet = _LauncherNoise()
         ssh_host: Optional[str] = None  # in horovodrun's report of a host that ssh cannot reach
+        torch_rank: Optional[int] = None  # the rank of torchrun's box entry being read
         for raw in iter(src.readline, b""):
             line = raw.decode(errors="replace")
             record = jobstate.parse_marker(line)
@@ -81,6 +86,11 @@ class Output:
                 m = pattern.search(line)
                 if m:
                     self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
+            m = _TORCH_RANK.match(line)
+            torch_rank = int(m.group("rank")) if m else torch_rank
+            m = _TORCH_EXIT.match(line)
+            if m and torch_rank is not None and m.group("status") != "0":
+                self.exits.setdefault(torch_rank, _how(m.groupdict()))
             m = _CRASH.search(line)
             if m:  # the rank is dying (Open MPI's report of its fatal signal): its last word, too
                 self.exits.setdefault(int(m.group("rank")), _how(m.groupdict()))
@@ -111,6 +121,15 @@ _LINE_NOISE = (
     re.compile(r"<stderr>:Terminated\s*$"),
 )
 _GLOO_FAILURE = "RuntimeError: Horovod detected that one or more processes exited with non-zero status"
+# torchrun's traceback ends in ChildFailedError and its box (between two lines of "="), or, when it was
+# signalled itself, in SignalException; its log lines on a failure say what harness launch says in its own.
+_TORCH_FAILURE = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_TORCH_SIGNALLED = "torch.distributed.elastic.multiprocessing.api.SignalException"
+_EQUALS = re.compile(r"^={20,}\s*$")
+_TORCH_LOG = re.compile(
+    r"^[WEI]\d{4} [\d:.]+ \d+ \S*torch/distributed/elastic/\S+\] (Sending process \d+ closing signal|"
+    r"failed \(exitcode: |Received Signals\.SIG\w+ death signal|Closing process \d+ via signal)"
+)
 # horovodrun's check that it can ssh to every host: "ssh not successful for host X:", ssh's message, a blank
 # line (stdout), then a traceback ending in _SSH_TRACEBACK_END (stderr). harness launch says it in one line.
 _SSH_FAILED = re.compile(r"^ssh not successful for host (?P<host>\S+?):\s*$")
@@ -122,7 +141,9 @@ class _LauncherNoise:
 
     def __init__(self) -> None:
         self.held: List[str] = []
-        self.mode = ""  # "box" (Open MPI), "traceback" (horovodrun), "tail" (after horovodrun's traceback)
+        # "box" (Open MPI), "traceback" (horovodrun, torchrun), "tail" (after horovodrun's traceback),
+        # "torchbox"/"torchbox2" (torchrun's box, before/after its first line of "=")
+        self.mode = ""
 
     def filter(self, line: str, failed: bool) -> List[str]:
         if self.mode == "box":
@@ -131,6 +152,10 @@ class _LauncherNoise:
                 return []
             box, self.held, self.mode = self.held, [], ""
             return [] if any(n in "".join(box) for n in _BOX_NOISE) else box
+        if self.mode in ("torchbox", "torchbox2"):  # torchrun's box: ends at its second line of "="
+            if _EQUALS.match(line):
+                self.mode = "torchbox2" if self.mode == "torchbox" else ""
+            return []
         if self.mode == "traceback":
             self.held.append(line)
             if line.startswith((" ", "Traceback")):
@@ -138,6 +163,11 @@ class _LauncherNoise:
             held, self.held, self.mode = self.held, [], ""
             if line.startswith(_GLOO_FAILURE):
                 self.mode = "tail"  # then "Process name: 1", "Exit code: 1", a blank line
+                return []
+            if line.startswith(_TORCH_FAILURE):
+                self.mode = "torchbox"
+                return []
+            if line.startswith(_TORCH_SIGNALLED):
                 return []
             if line.startswith(_SSH_TRACEBACK_END):
                 return []
@@ -152,7 +182,7 @@ class _LauncherNoise:
         if line.startswith("Traceback (most recent call last):"):  # untagged: the launcher's own
             self.mode, self.held = "traceback", [line]
             return []
-        if any(p.search(line) for p in _LINE_NOISE):
+        if any(p.search(line) for p in _LINE_NOISE) or _TORCH_LOG.match(line):
             return []
         if failed and "Horovod background loop uncaught exception" in line:
             return []  # a surviving rank's view of the failed one

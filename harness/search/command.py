@@ -51,11 +51,14 @@ def parse(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--storage", help="study database URL, e.g. postgresql://user@host/db (default SQLite)")
     p.add_argument("--study", help="study name (default: the config's name, else 'search')")
     p.add_argument("--launcher", choices=["horovodrun", "gloo", "mpi", "mpirun"], help="as harness launch's")
+    p.add_argument("--backend", choices=["horovod", "torch"], help="as harness launch's")
     p.add_argument("-H", dest="hosts", help="hosts for every trial's ranks (default localhost:NP)")
     p.add_argument("--max-restarts", type=int, help="restarts per trial (default: the config's max_restarts)")
     args = p.parse_args(argv)
     if args.np < 1 or (args.parallel is not None and args.parallel < 1):
         raise HarnessError("-np and --parallel take a positive number")
+    if args.backend == "torch" and args.launcher:
+        raise HarnessError(f"--launcher {args.launcher} is horovodrun's; --backend torch runs torchrun")
     return args
 
 
@@ -181,6 +184,7 @@ class Search:
         a = self.args
         command = [sys.executable, "-m", "harness", "launch", "-np", str(a.np)]
         command += ["--launcher", a.launcher] if a.launcher else []
+        command += ["--backend", a.backend] if a.backend else []  # else HARNESS_BACKEND, inherited
         command += ["-H", a.hosts] if a.hosts else []
         command += ["--max-restarts", str(a.max_restarts)] if a.max_restarts is not None else []
         return command + [
