@@ -35,13 +35,18 @@ How many processes:
       horovodrun -np <gpus> -H localhost:<gpus> harness $MODEL_DEF --output $OUTPUT ...
   - no GPU: HARNESS_NP processes on CPU (default 1; one process runs without a launcher).
   - already one rank of a launcher (${LAUNCHER_VARS[*]} set: horovodrun or mpirun
-    started this container's entrypoint, e.g. a Kubeflow MPIJob): exec harness with the arguments above.
+    started this container's entrypoint, e.g. a Kubeflow MPIJob; or RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT: torchrun or a Kubeflow PyTorchJob): exec harness with the arguments above.
+  - HARNESS_BACKEND=torch: the ranks run under torchrun on torch.distributed instead of Horovod:
+      python -m torch.distributed.run --standalone --nproc-per-node <np> --no-python harness $MODEL_DEF ...
 
 Environment:
   HARNESS_NP         number of processes (default: the visible GPUs, else 1)
   HARNESS_HOSTS      hosts for a multi-node job, horovodrun's -H (e.g. node1:4,node2:4); each one runs
                      this image as 'sshd' (--network=host); -np defaults to the sum of the slots
   HARNESS_LAUNCHER   gloo or mpi: horovodrun --gloo / --mpi (default: horovodrun's choice, MPI)
+  HARNESS_BACKEND    horovod (default) or torch: torchrun on this machine (not with HARNESS_HOSTS or
+                     HARNESS_LAUNCHER); OMP_NUM_THREADS defaults to the usable cores / np
   HOROVODRUN_ARGS    more horovodrun options, e.g. "--network-interface eth0 --verbose"
   HARNESS_SSH_PORT   the workers' ssh port (default 2222)
   HARNESS_MODEL_DEF, HARNESS_OUTPUT   other defaults than /model_def and /output
@@ -72,6 +77,18 @@ count_gpus() {
   else
     echo 0
   fi
+}
+
+# The cores this container may use (its CPU affinity, capped by a cgroup v2 CPU limit, rounded up) divided
+# among N ranks, at least 1: harness.distributed.available_cores() without starting Python.
+threads_per_rank() {
+  local cores quota period
+  cores="$(nproc 2>/dev/null || echo 1)"
+  if read -r quota period 2>/dev/null </sys/fs/cgroup/cpu.max && [ "$quota" != max ] && [ "${period:-0}" -gt 0 ]; then
+    quota=$(((quota + period - 1) / period))
+    [ "$quota" -ge "$cores" ] || cores="$quota"
+  fi
+  echo $((cores / $1 > 0 ? cores / $1 : 1))
 }
 
 # The topmost processes under a pid that run the harness (the job's ranks: not their DataLoader workers, not
@@ -325,6 +342,17 @@ for v in "${LAUNCHER_VARS[@]}"; do
   fi
 done
 
+if [ -n "${RANK:-}" ] && [ -n "${WORLD_SIZE:-}" ] && [ -n "${MASTER_ADDR:-}" ] && [ -n "${MASTER_PORT:-}" ]; then
+  say "inside a launcher (RANK=$RANK of WORLD_SIZE=$WORLD_SIZE: torchrun or a PyTorchJob): exec harness ${args[*]}"
+  exec harness "${args[@]}"
+fi
+
+backend="${HARNESS_BACKEND:-horovod}"
+case "$backend" in
+  horovod | torch) ;;
+  *) die "HARNESS_BACKEND=$backend: use horovod or torch" ;;
+esac
+
 gpus="$(count_gpus)"
 if [ -n "${HARNESS_NP:-}" ]; then
   np="$HARNESS_NP"
@@ -347,6 +375,17 @@ if [ "$gpus" -gt 0 ]; then device="$gpus GPU(s)"; else device="CPU"; fi
 if [ "$np" = 1 ] && [ -z "${HARNESS_HOSTS:-}" ]; then
   say "1 process on $device"
   run_job harness "${args[@]}"
+fi
+
+if [ "$backend" = torch ]; then
+  [ -z "${HARNESS_HOSTS:-}" ] || die "HARNESS_HOSTS is horovodrun's; with HARNESS_BACKEND=torch on several" \
+    "machines use a PyTorchJob or harness launch --backend torch -H (docs/docker-and-kubernetes.md)"
+  [ -z "${HARNESS_LAUNCHER:-}" ] || die "HARNESS_LAUNCHER=$HARNESS_LAUNCHER is horovodrun's; HARNESS_BACKEND=torch runs torchrun"
+  # torchrun gives each rank 1 thread when it starts several; the harness's split instead (as harness launch).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(threads_per_rank "$np")}"
+  say "$np processes on $device (torchrun, $OMP_NUM_THREADS thread(s) each)"
+  run_job "$HARNESS_VENV/bin/python" -m torch.distributed.run --standalone --nproc-per-node "$np" \
+    --no-python "$HARNESS_VENV/bin/harness" "${args[@]}"
 fi
 
 launcher=()

@@ -19,7 +19,8 @@ ENTRYPOINT = os.path.join(ROOT, "entrypoint.sh")
 # Each stand-in prints one line, "<name> <args>", and the launcher variables it got, into $CALLS.
 HARNESS = """\
 #!/usr/bin/env bash
-echo "harness $* rank=${HOROVOD_RANK:-}${OMPI_COMM_WORLD_RANK:-}${PMI_RANK:-}" >> "$CALLS"
+echo "harness $* rank=${HOROVOD_RANK:-}${OMPI_COMM_WORLD_RANK:-}${PMI_RANK:-}${RANK:-}" >> "$CALLS"
+[ -z "${RANK:-}" ] || echo "backend=${HARNESS_BACKEND:-} threads=${OMP_NUM_THREADS:-}" >> "$CALLS.torch"
 if [ -n "${RANK_SLEEPS:-}" ]; then
   trap 'echo "rank ${HOROVOD_RANK:-0} got TERM" >> "$CALLS"; kill $sleeper; exit "${EXIT_ON_TERM:-0}"' TERM
   sleep 60 &
@@ -222,6 +223,74 @@ def test_sigterm_goes_to_the_ranks_not_the_launcher(env, np, exit_on_term):
     assert "SIGTERM: passing it on to the job" in stderr
     assert len([c for c in calls if c.endswith("got TERM") and c.startswith("rank")]) == int(np)
     assert "launcher got TERM" not in calls
+
+
+def _sigterm_to(env, np, **extra):
+    e = dict(env["env"], HARNESS_NP=np, RANK_SLEEPS="1", **extra)
+    proc = subprocess.Popen(["bash", ENTRYPOINT], env=e, stderr=subprocess.PIPE, text=True)
+    started = env["tmp"] / "calls.started"
+    deadline = time.monotonic() + 60
+    while not (started.exists() and len(started.read_text().split()) == int(np)):
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    return proc, stderr, (env["tmp"] / "calls").read_text().splitlines()
+
+
+# HARNESS_BACKEND=torch: the real torchrun (the fixture's python is this one) runs the stand-in harness.
+
+
+def test_torch_backend_runs_torchrun_with_the_harness_split_of_threads(env):
+    proc, calls = run(env, "--quiet", HARNESS_NP="2", HARNESS_BACKEND="torch", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out, venv = env["env"]["HARNESS_OUTPUT"], env["env"]["HARNESS_VENV"]
+    assert sorted(calls) == [f"harness {env['model']} --output {out} --quiet rank={r}" for r in "01"]
+    assert (
+        f"running: {venv}/bin/python -m torch.distributed.run --standalone --nproc-per-node 2" in proc.stderr
+    )
+    from harness.distributed import available_cores  # the same count, in Python (harness launch's)
+
+    threads = str(max(1, available_cores() // 2))
+    torch_lines = (env["tmp"] / "calls.torch").read_text().splitlines()
+    assert torch_lines == [f"backend=torch threads={threads}"] * 2
+    # The user's own OMP_NUM_THREADS wins; one rank per GPU as with Horovod.
+    (env["tmp"] / "calls.torch").unlink()
+    proc, _ = run(env, HARNESS_BACKEND="torch", OMP_NUM_THREADS="3", timeout=60, **with_gpus(env, 2))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 processes on 2 GPU(s) (torchrun, 3 thread(s) each)" in proc.stderr
+    assert (env["tmp"] / "calls.torch").read_text().splitlines() == ["backend=torch threads=3"] * 2
+
+
+def test_torch_backend_one_process_and_bad_input(env):
+    proc, calls = run(env, HARNESS_BACKEND="torch")
+    assert proc.returncode == 0 and calls == [
+        f"harness {env['model']} --output {env['env']['HARNESS_OUTPUT']} rank="
+    ]
+    for extra, said in [
+        (dict(HARNESS_BACKEND="tensorflow"), "HARNESS_BACKEND=tensorflow: use horovod or torch"),
+        (dict(HARNESS_BACKEND="torch", HARNESS_HOSTS="a:2,b:2"), "HARNESS_HOSTS is horovodrun's"),
+        (dict(HARNESS_BACKEND="torch", HARNESS_NP="2", HARNESS_LAUNCHER="gloo"), "HARNESS_LAUNCHER=gloo"),
+    ]:
+        proc, _ = run(env, **extra)
+        assert proc.returncode == 2 and said in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_inside_torchrun_or_a_pytorchjob_execs_harness(env):
+    """A PyTorchJob's pod (or torchrun) sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT: the harness picks
+    the torch backend by them; no launcher of the entrypoint's own."""
+    job = dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="job-master-0", MASTER_PORT="23456")
+    proc, calls = run(env, HARNESS_NP="4", **job)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [f"harness {env['model']} --output {env['env']['HARNESS_OUTPUT']} rank=1"]
+    assert "inside a launcher (RANK=1 of WORLD_SIZE=2" in proc.stderr
+
+
+def test_sigterm_under_torchrun_goes_to_the_ranks(env):
+    """As with horovodrun: SIGTERM to the ranks (torchrun's agent would give them 30 s, then SIGKILL)."""
+    proc, stderr, calls = _sigterm_to(env, "2", HARNESS_BACKEND="torch")
+    assert proc.returncode == 0, stderr
+    assert len([c for c in calls if c.endswith("got TERM") and c.startswith("rank")]) == 2
 
 
 # A launcher like mpirun: -np copies of the command with OMPI_COMM_WORLD_RANK; SIGUSR1 is passed on to the
