@@ -9,6 +9,8 @@
 #   EXTRA_APT_PACKAGES  more Debian packages to install in step 1 (space-separated)
 #   HARNESS_CHECK_BUILD what `horovodrun --check-build` must list (default: PyTorch MPI Gloo, and NCCL with a
 #                       CUDA build of torch)
+#   HARNESS_WITHOUT_HOROVOD=1  no Horovod (no build, no Open MPI, no compiler, no mpi4py): the torch backend
+#                       only (`harness launch --backend torch`, torchrun); minutes less on a first set-up
 # With a CUDA build of torch (a GPU machine's `make setup`, the GPU image), Horovod is compiled with NCCL by
 # PyPI's nvcc (scripts/cuda_toolchain.sh): no system CUDA toolkit needed.
 set -euo pipefail
@@ -21,13 +23,17 @@ HARNESS_INSTALL="${HARNESS_INSTALL:-editable}"
 read -ra CHECK_BUILD <<< "${HARNESS_CHECK_BUILD:-PyTorch MPI Gloo}"
 read -ra EXTRA_APT <<< "${EXTRA_APT_PACKAGES:-}"
 STAMP="$VENV/.harness-setup-stamp"
+WITHOUT_HOROVOD="${HARNESS_WITHOUT_HOROVOD:-0}"
 
 log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 case "$HARNESS_INSTALL" in editable|run|none) ;; *) die "HARNESS_INSTALL=$HARNESS_INSTALL: editable, run or none" ;; esac
+case "$WITHOUT_HOROVOD" in 0|1) ;; *) die "HARNESS_WITHOUT_HOROVOD=$WITHOUT_HOROVOD: 1 or 0" ;; esac
 
 # 1. System packages (Debian). Skipped when all are present, so a second run needs no network.
 APT_PKGS=(openmpi-bin libopenmpi-dev build-essential cmake python3-venv "${EXTRA_APT[@]}")
+# Open MPI, the compiler and CMake are Horovod's (its build, mpi4py, mpirun): the torch backend needs none.
+[ "$WITHOUT_HOROVOD" = 0 ] || APT_PKGS=(python3-venv "${EXTRA_APT[@]}")
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -60,7 +66,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 req_hash="$(cat "$ROOT/pyproject.toml" "$HERE/setup.sh" "$HERE/build_horovod.sh" "$HERE"/horovod-patches/* 2>/dev/null | sha256sum | cut -c1-16)"
 want="torch=$TORCH_VERSION install=$HARNESS_INSTALL req=$req_hash"
-imports="import horovod.torch"; [ "$HARNESS_INSTALL" = none ] || imports+=", harness"
+imports="import horovod.torch"
+if [ "$WITHOUT_HOROVOD" = 1 ]; then want+=" horovod=no"; imports="import torch"; fi
+[ "$HARNESS_INSTALL" = none ] || imports+=", harness"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 [ "$HARNESS_INSTALL" != run ] || [ "$have" != "${want/install=run/install=editable}" ] || want="$have"  # a superset
 if [ "$have" = "$want" ] && "$VENV/bin/python" -c "$imports" 2>/dev/null; then
@@ -79,10 +87,15 @@ torch_spec="torch==$TORCH_VERSION"
 if [ -n "$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" ]; then
   [[ " ${CHECK_BUILD[*]} " == *" NCCL "* ]] || CHECK_BUILD+=(NCCL)
 fi
-"${PIP[@]}" install pyyaml mpi4py scikit-learn cloudpickle psutil packaging cffi
+mpi=(mpi4py); [ "$WITHOUT_HOROVOD" = 0 ] || mpi=()
+"${PIP[@]}" install pyyaml "${mpi[@]}" scikit-learn cloudpickle psutil packaging cffi
 
 # 3. Horovod: patched, built once per (horovod, torch, python, flavor), cached.
-"$HERE/build_horovod.sh" "$VENV"
+if [ "$WITHOUT_HOROVOD" = 0 ]; then
+  "$HERE/build_horovod.sh" "$VENV"
+else
+  log "HARNESS_WITHOUT_HOROVOD=1: no Horovod; train with harness launch --backend torch (or torchrun)"
+fi
 
 # 4. The harness itself (editable) with its test tools, or without; or only its dependencies (Python >= 3.11).
 if [ "$HARNESS_INSTALL" = editable ]; then
@@ -99,9 +112,11 @@ fi
 # `import determined` in scripts run with python (Determined's Trainer scripts): harness/compat on sys.path.
 [ "$HARNESS_INSTALL" = none ] || "$VENV/bin/python" -m harness.compat > /dev/null
 
-check="$("$VENV/bin/horovodrun" --check-build)"
-for fw in "${CHECK_BUILD[@]}"; do
-  grep -q "\[X\] $fw" <<< "$check" || die "horovodrun --check-build does not list $fw"
-done
+if [ "$WITHOUT_HOROVOD" = 0 ]; then
+  check="$("$VENV/bin/horovodrun" --check-build)"
+  for fw in "${CHECK_BUILD[@]}"; do
+    grep -q "\[X\] $fw" <<< "$check" || die "horovodrun --check-build does not list $fw"
+  done
+fi
 echo "$want" > "$STAMP"
 log "done: $VENV"
