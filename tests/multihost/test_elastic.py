@@ -1,14 +1,15 @@
-"""Elastic membership on torchrun's agent (c10d rendezvous), on the two-host bed (testbed.py): a torchrun
-agent per host, `--nnodes 1:2`, the harness under the torch backend. The second host is lost mid-epoch
-(every process of it killed): the survivor's rank ends at once, its agent restarts it at world size 1 from
-the newest checkpoint; the host comes back and its agent joins: the running rank is stopped by its agent
-(SIGTERM: the agreed stop, a checkpoint) and both restart at world size 2 from that checkpoint. The metrics
-at the end are those of the exact data position throughout: each report's records are the records of the
-batches before it, at the world size that trained them (the last batch of an epoch holds the sampler's
-padding at 2 ranks), every report once, in order.
+"""Elastic membership on torchrun's agent (c10d rendezvous), on the two-host bed (testbed.py):
+`harness launch --backend torch --min-np 1 --max-np 2 -H hosta:1,hostb:1` started on the first host (a
+torchrun agent there and one on the second host by ssh). The second host is lost mid-epoch (every process
+of it killed): the survivor's rank ends at once, its agent restarts it at world size 1 from the newest
+checkpoint; the host comes back and the command that harness launch printed for adding a machine starts its
+agent there: the running rank is stopped by its agent (SIGTERM: the agreed stop, a checkpoint) and both
+restart at world size 2 from that checkpoint. The metrics at the end are those of the exact data position
+throughout: each report's records are the records of the batches before it, at the world size that trained
+them (the last batch of an epoch holds the sampler's padding at 2 ranks), every report once, in order.
 
-The agents are started here directly (`python -m torch.distributed.run`); what they need beyond torchrun's
-defaults is in AGENT_ENV and RDZV_CONF (see docs/outputs-and-long-runs.md, Elastic membership).
+What the agents need beyond what harness launch gives them is in AGENT_ENV (see docs/outputs-and-long-runs.md,
+Elastic membership); the bed's hosts resolve each other's names (torchrun looks its own up).
 """
 
 import json
@@ -27,21 +28,16 @@ import yaml
 from harness.output import lock as output_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
 KEEP = (ROOT, sys.prefix)
 WHY_NOT = testbed.unavailable()
 bed_needed = pytest.mark.skipif(WHY_NOT is not None, reason=f"two-host test bed: {WHY_NOT}")
 
-RDZV_PORT = 29400
-# torchrun's own defaults wait 30 s for more machines once the minimum is there (last_call_timeout), and
-# count a machine as gone after 3 keep-alives 5 s apart missed; the job's restarts wait for both.
-RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
 AGENT_ENV = {
-    "HARNESS_BACKEND": "torch",
-    "GLOO_SOCKET_IFNAME": "eth0",  # the hosts' names resolve nowhere: Gloo's address from the interface
     # torchrun 2.13 shares its rendezvous TCPStore with the ranks; an agent that joins a running job then
-    # waits for ever for the bootstrap address the first agent never rewrites (both time out after 60 s).
+    # waits for the bootstrap address that the first agent never writes again (both fail after 60 s).
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-    "OMP_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",  # both hosts share this machine's cores
     "PYTHONUNBUFFERED": "1",
 }
 BATCH, PER_EPOCH, TRAIN_RECORDS = 64, 23, 1437  # digits: 1437 training records, global batch 64
@@ -93,29 +89,19 @@ def pace(model, seconds):
         f.write(str(seconds))
 
 
-class Agents:
-    """torchrun agents on the bed's hosts; their output, line by line with its time, in one list."""
+class Job:
+    """Commands on the bed's hosts; their output, line by line with its time, in one list."""
 
-    def __init__(self, bed, model, output):
-        self.bed, self.model, self.output = bed, model, output
-        self.procs = []
-        self.lines = []  # (time, agent tag, line)
+    def __init__(self, bed):
+        self.bed = bed
+        self.lines = []  # (time, tag, line)
         self._lock = threading.Lock()
 
-    def start(self, host, tag):
-        first = host is self.bed.hosts[0]  # hosts the rendezvous store: it must not be the host lost
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.bed.hosts[0].address}:{RDZV_PORT}",
-            "--rdzv-id", "elastic-test", "--rdzv-conf", f"is_host={int(first)},{RDZV_CONF}",
-            "--max-restarts", "3", "--local-addr", host.address,
-            "-m", "harness", self.model, "--output", self.output,
-        ]  # fmt: skip
+    def start(self, host, tag, argv):
         proc = self.bed.popen(
             host, argv, cwd=ROOT, env=self.bed.env(**AGENT_ENV), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.procs.append((tag, proc))
         threading.Thread(target=self._read, args=(tag, proc), daemon=True).start()
         return proc
 
@@ -153,7 +139,7 @@ def records(batches, world):
 
 @bed_needed
 def test_lose_a_host_mid_epoch_then_add_it_back():
-    bed = testbed.TestBed(keep=KEEP).up()
+    bed = testbed.TestBed(keep=KEEP, names=True).up()
     try:
         _lose_and_add_back(bed)
     finally:
@@ -164,16 +150,22 @@ def _lose_and_add_back(bed):
     a, b = bed.hosts
     model, output = model_def(bed), os.path.join(bed.shared, "out")
     pace(model, 0.03)
-    agents = Agents(bed, model, output)
-    agent_a = agents.start(a, "hosta")
-    agents.start(b, "hostb")
+    agents = Job(bed)
+    launch = agents.start(a, "launch", [
+        os.path.join(BIN, "harness"), "launch", "--backend", "torch", "--min-np", "1", "--max-np", "2",
+        "-H", f"{a.hostname}:1,{b.hostname}:1", "--ssh-port", str(testbed.SSH_PORT),
+        "--network-interface", "eth0", model, "--output", output,
+    ])  # fmt: skip
+    _, found = agents.until(r"harness launch: to add a machine, run there: (.+)$")
+    join = found.group(1)
     agents.until(r"training on cpu with 2 ranks \(gloo\), global batch 64")
     agents.until(r"\[training  \] batch     60 ")  # mid-epoch 3 (batch 14 of 23), after checkpoint 50
 
     lost = time.monotonic()
     assert bed.kill_host(b)  # the agent of hostb and its rank: connections reset
     pace(model, 0.2)  # slow enough that the job is still training when hostb is back
-    ended, _ = agents.until(r"failed \(exitcode: 1\)", after=lost)  # the survivor's rank, at once
+    # The survivor's rank ends at once (its error line, unless the launcher's stop came first).
+    ended, _ = agents.until(r"harness: error: |resuming at another number", after=lost)
     resumed, found = agents.until(r"resuming from \S+/checkpoints/(\d+) at batch", after=lost)
     at_one = int(found.group(1))
     trained, _ = agents.until(r"\[training  \] batch", after=resumed)
@@ -182,14 +174,14 @@ def _lose_and_add_back(bed):
 
     bed.restart_host(b)
     joined = time.monotonic()
-    agent_b = agents.start(b, "hostb again")
+    agent_b = agents.start(b, "hostb again", ["sh", "-c", join])
     stopped, found = agents.until(r"stopped by SIGTERM at batch (\d+); checkpoint", after=joined)
     at_two = int(found.group(1))
     both, _ = agents.until(r"training on cpu with 2 ranks", after=stopped)
     agents.until(rf"resuming from \S+/checkpoints/{at_two} at batch {at_two} ", after=stopped)
     again, _ = agents.until(r"\[training  \] batch", after=both)
     pace(model, 0)
-    assert agent_a.wait(timeout=150) == 0, agents.text()
+    assert launch.wait(timeout=150) == 0, agents.text()
     assert agent_b.wait(timeout=30) == 0, agents.text()
     print(
         f"\nlost hostb: its rank ended {ended - lost:.1f} s later, training at world size 1 again after "

@@ -103,10 +103,13 @@ class TestBed:
         keep: Sequence[str] = (),
         pods: Sequence[str] = (),
         pod_env: Optional[Dict[str, str]] = None,
+        names: bool = False,
     ):
         """`keep`: paths every host must see even if they lie under /tmp (the checkout, the virtualenv).
         `pods`: hostnames whose pid 1 is the checkout's `entrypoint.sh sshd`, as in an MPIJob's worker pod,
-        with `pod_env` added to its environment (HARNESS_VENV, HARNESS_STOP_SECONDS, ...)."""
+        with `pod_env` added to its environment (HARNESS_VENV, HARNESS_STOP_SECONDS, ...).
+        `names`: the hosts' names resolve on every host (an /etc/hosts of the bed's own bound over the
+        host's), as a cluster's DNS would make them; without it they resolve nowhere."""
         sweep_stale()
         self.keep = list(keep)
         self.pod_env = dict(pod_env or {})
@@ -125,6 +128,7 @@ class TestBed:
             )
             for i, hostname in enumerate(hostnames)
         ]
+        self.names = names
         self.namespaces: List[str] = []
         self.made_run_sshd = False
         self.bin = os.path.join(self.base, "bin")
@@ -206,6 +210,11 @@ class TestBed:
         if host.pod:
             env = dict(self.pod_env, HARNESS_SSHD_CONFIG=config, HARNESS_SSHD_HOST_KEY=host_key)
             serve = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + f" {ENTRYPOINT} sshd"
+        if self.names:
+            etc_hosts = os.path.join(self.base, "hosts")
+            with open(etc_hosts, "w") as f:
+                f.write("127.0.0.1 localhost\n" + "".join(f"{h.address} {h.hostname}\n" for h in self.hosts))
+            keep += f"mount --bind {etc_hosts} /etc/hosts && "
         inside = (
             f"hostname {host.hostname} && {keep}mount --rbind {private} /tmp && "
             f"mount -t tmpfs -o size=2g tmpfs /dev/shm && exec {serve}"
