@@ -256,8 +256,11 @@ def launch(argv: List[str]) -> int:
             "(drop the word 'harness' after the launch options)"
         )
     source = hosts.HostSource(args.np, args.hosts, args.hostfile, args.host_discovery_script)
-    args.elastic = torchrun.check_options(args.backend, args.launcher, args.np, args.min_np, args.max_np)
     train_args = parse_args(harness_args)
+    again = "--fresh" if train_args.fresh else "--resume" if train_args.resume else None
+    args.elastic = torchrun.check_options(
+        args.backend, args.launcher, args.np, args.min_np, args.max_np, again
+    )
     harness_args = _config_for_ranks(harness_args, train_args.config, train_args.output)
     train_args = parse_args(harness_args)
     model_dir = train_args.model_def

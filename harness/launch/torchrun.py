@@ -19,7 +19,15 @@ from harness.output.lock import HOLDER_ENV
 OUTPUT_ENV = "HARNESS_OUTPUT_DIR"
 BACKEND_ENV = "HARNESS_BACKEND"
 # What the ranks on another machine need from this one's environment (ssh starts a bare one).
-PASSED_ENV = ("PATH", "PYTHONPATH", OUTPUT_ENV, HOLDER_ENV, "OMP_NUM_THREADS", "HARNESS_TRACEBACK")
+PASSED_ENV = (
+    "PATH",
+    "PYTHONPATH",
+    OUTPUT_ENV,
+    HOLDER_ENV,
+    "OMP_NUM_THREADS",
+    "HARNESS_TRACEBACK",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+)
 # horovodrun's own ssh options: no password prompt that would hang the job, no host key question.
 SSH_OPTIONS = ["-o", "PasswordAuthentication=no", "-o", "StrictHostKeyChecking=no"]
 RDZV_PORT = 29400  # torchrun's own default for c10d rendezvous
@@ -147,6 +155,10 @@ def plan(
     if first == "localhost" or first.startswith("127."):  # the endpoint as a machine that joins later sees it
         first = socket.gethostname() if elastic is not None or len(machines) > 1 else first
     if elastic is not None:
+        # torch 2.13: with the rendezvous store shared with the ranks (the default), a machine joining a
+        # running job left both agents waiting for each other's keys until the store's 60 s timeout (plain
+        # torchrun, two agents on one machine); with a store of its own the join restarted both at world 2.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         nodes = elastic_nodes(elastic[0], elastic[1], per_node)
         if len(machines) > nodes.max_nodes:
             machines = machines[: nodes.max_nodes]
@@ -189,9 +201,15 @@ def remote(host: str, agent: List[str], env: Dict[str, str], ssh_port: Optional[
 
 
 def check_options(
-    backend: str, launcher: Optional[str], np: Optional[int], min_np: Optional[int], max_np: Optional[int]
+    backend: str,
+    launcher: Optional[str],
+    np: Optional[int],
+    min_np: Optional[int],
+    max_np: Optional[int],
+    restarted_with: Optional[str] = None,
 ) -> Optional[Tuple[int, int]]:
-    """The backend's options, checked together: returns (min, max) ranks for an elastic job, else None."""
+    """The backend's options, checked together: returns (min, max) ranks for an elastic job, else None.
+    `restarted_with`: --fresh or --resume, if given (the ranks would do it again at every restart)."""
     if backend not in ("horovod", "torch"):  # from $HARNESS_BACKEND (argparse checks the flag's value)
         raise HarnessError(f"harness launch: {BACKEND_ENV}={backend!r}: expected 'horovod' or 'torch'")
     if backend == "torch" and launcher:
@@ -207,6 +225,12 @@ def check_options(
         )
     if min_np is None or max_np is None:
         raise HarnessError("harness launch: give both --min-np and --max-np")
+    if restarted_with:
+        raise HarnessError(
+            f"harness launch: {restarted_with} with --min-np/--max-np: torchrun restarts the ranks with the "
+            "same arguments whenever a machine joins or leaves, which would start over each time; use a new "
+            "--output, or resume an --output as it is (its newest checkpoint)"
+        )
     if np is not None:
         raise HarnessError(
             "harness launch: -np with --min-np/--max-np: the machines of -H (each with its slots) start the "

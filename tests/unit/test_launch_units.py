@@ -264,6 +264,9 @@ def test_torch_elastic_command_and_the_join_line(monkeypatch):
     assert "--nnodes=1:3" in agent and "--rdzv-backend=c10d" in agent and "--max-restarts=3" in agent
     assert "--rdzv-id=job7" in agent
     assert plan.join is not None and endpoint in plan.join and "--nnodes=1:3" in plan.join
+    # The rendezvous store of its own: with the shared one a machine's join hung both agents (torch 2.13).
+    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in plan.join
 
 
 @pytest.mark.parametrize(
@@ -288,13 +291,15 @@ def test_torch_placements_torchrun_cannot_run(spec, np, message):
         ("torch", None, None, 2, None, "give both --min-np and --max-np"),
         ("torch", None, 2, 2, 4, "-np with --min-np/--max-np"),
         ("tensorflow", None, None, None, None, "HARNESS_BACKEND='tensorflow'"),
+        ("torch", None, None, 2, 4, "--fresh with --min-np/--max-np: torchrun restarts the ranks"),
     ],
 )
 def test_backend_options_refused_in_one_line(backend, launcher, np, low, high, message):
     from harness.launch import torchrun
 
+    again = "--fresh" if "--fresh" in message else None
     with pytest.raises(HarnessError) as e:
-        torchrun.check_options(backend, launcher, np, low, high)
+        torchrun.check_options(backend, launcher, np, low, high, again)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
