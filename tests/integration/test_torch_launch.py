@@ -131,3 +131,24 @@ def test_one_process_trains_samples_digits_without_horovod(no_horovod, tmp_path)
     runner.assert_ok(proc)
     assert "one process" in proc.stdout
     assert _validations(output)[-1]["metrics"]["accuracy"] > 0.8  # 10 classes: chance is 0.1
+
+
+def test_agents_runner_status_and_the_end_of_a_remote_agent():
+    """`python -m harness.launch.agents`, the launcher of several torchrun agents: without --elastic the first
+    failing agent's status; with --watch-stdin (the remote side of ssh) the agent gets SIGTERM when stdin
+    closes, as when harness launch or its machine is gone."""
+    import subprocess
+    import sys
+    import time
+
+    agents = [sys.executable, "-m", "harness.launch.agents"]
+    failing = json.dumps([["sh", "-c", "sleep 0.5; exit 3"], ["sh", "-c", "sleep 1"]])
+    assert subprocess.run([*agents, failing], timeout=30).returncode == 3
+    elastic = json.dumps([["sh", "-c", "exit 0"], ["sh", "-c", "exit 4"]])  # the first agent's status
+    assert subprocess.run([*agents, "--elastic", elastic], timeout=30).returncode == 0
+    trapped = json.dumps([["sh", "-c", "sleep 60 & trap 'kill $!; exit 7' TERM; wait"]])
+    proc = subprocess.Popen([*agents, "--watch-stdin", trapped], stdin=subprocess.PIPE)
+    time.sleep(1)
+    began = time.monotonic()
+    proc.stdin.close()  # the ssh connection's end
+    assert proc.wait(timeout=30) == 7 and time.monotonic() - began < 10
