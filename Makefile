@@ -13,8 +13,13 @@ setup:
 setup-run:
 	@HARNESS_INSTALL=run bash scripts/setup.sh
 
+# HARNESS_WITHOUT_HOROVOD=1 (a set-up for the torch backend alone, docs/setup.md): the demo runs on torchrun.
 demo: setup-run
+ifeq ($(HARNESS_WITHOUT_HOROVOD),1)
+	$(BIN)/harness launch --backend torch -np $(NP) samples/digits --output $(OUTPUT)
+else
 	$(BIN)/horovodrun -np $(NP) -H localhost:$(NP) $(BIN)/harness samples/digits --output $(OUTPUT)
+endif
 	@echo "demo done: metrics in $(OUTPUT)/metrics.jsonl, effective config in $(OUTPUT)/config.yaml"
 
 lint: setup
