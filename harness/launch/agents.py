@@ -3,8 +3,8 @@
 launch`: their output is its output, SIGTERM/SIGINT go on to each, and it exits when they have.
 
 Exit status: without --elastic, the first non-zero status of any agent (one failed machine fails the job, as
-under horovodrun); with --elastic, the first agent's (the rendezvous host: the job lives while it does;
-another machine's agent may end, and join again, without ending the job).
+under horovodrun: the other agents get SIGTERM); with --elastic, the first agent's (the rendezvous host: the
+job lives while it does; another machine's agent may end, and join again, without ending the job).
 
 --watch-stdin (the remote side of an ssh command): stdin is the ssh connection; at its end (harness launch
 or its machine gone) the agent gets SIGTERM, which torchrun passes on to its ranks. Without it, a torchrun
@@ -63,6 +63,9 @@ def run(commands: List[List[str]], elastic: bool, watch_stdin: bool) -> int:
         if not elastic and status is None:
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             status = failed[0] if failed else None
+            if status is not None:  # one machine failed: the others' ranks would wait for its for ever
+                stopping.append(time.monotonic())
+                _signal(procs, signal.SIGTERM)
         time.sleep(0.2)
     codes = [_status(p.returncode) for p in procs]
     if elastic:

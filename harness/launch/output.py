@@ -82,6 +82,10 @@ class Output:
                 if not m and ssh_host is not None:
                     self.unreachable.setdefault(ssh_host, line.strip())
                 continue
+            m = _SSH_ERROR.match(line)
+            if m:  # said in harness launch's own line ("cannot reach host ...")
+                self.unreachable.setdefault(m.group("host") or m.group("name"), line.strip())
+                continue
             for pattern in _EXIT_PATTERNS:
                 m = pattern.search(line)
                 if m:
@@ -134,6 +138,10 @@ _TORCH_LOG = re.compile(
 # line (stdout), then a traceback ending in _SSH_TRACEBACK_END (stderr). harness launch says it in one line.
 _SSH_FAILED = re.compile(r"^ssh not successful for host (?P<host>\S+?):\s*$")
 _SSH_TRACEBACK_END = "RuntimeError: could not connect to some hosts via ssh"
+# ssh's own words when harness launch --backend torch starts an agent on a machine it cannot reach.
+_SSH_ERROR = re.compile(
+    r"^ssh: (?:connect to host (?P<host>\S+) port \d+|Could not resolve hostname (?P<name>[^:\s]+)):"
+)
 
 
 class _LauncherNoise:

@@ -165,6 +165,7 @@ def plan(
         rdzv = [f"--nnodes={nodes.min_nodes}:{nodes.max_nodes}", "--rdzv-backend=c10d"]
         rdzv += [f"--rdzv-endpoint={first}:{port}", f"--rdzv-id={job_id}", f"--max-restarts={max_restarts}"]
     agents: List[List[str]] = []
+    plain: List[List[str]] = []  # the torchrun commands themselves, without ssh around them
     for i, host in enumerate(machines):
         agent = _torchrun(per_node, harness, script)
         if elastic is None:
@@ -172,11 +173,15 @@ def plan(
             agent[3:3] = [f"--master-addr={first}", f"--master-port={port}"]
         else:
             agent[3:3] = rdzv
+        plain.append(agent)
         agents.append(agent if is_this_machine(host) else remote(host, agent, env, ssh_port))
     command = [sys.executable, "-m", "harness.launch.agents"]
     command += ["--elastic"] if elastic is not None else []
     command += [json.dumps(agents)]
-    shown = f"{len(machines)} torchrun agent(s) on {', '.join(machines)}, the first: {shlex.join(agents[0])}"
+    ssh = [h for h in machines if not is_this_machine(h)]
+    by_ssh = f" ({', '.join(ssh)} by ssh)" if ssh else ""
+    shown = f"{len(machines)} torchrun agent(s) on {', '.join(machines)}{by_ssh}, the first: "
+    shown += shlex.join(plain[0])
     join = None
     if elastic is not None:
         base = _torchrun(per_node, harness, script)

@@ -356,3 +356,23 @@ def test_a_restart_by_torchrun_resumes(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     again = parse_args(["m", "--fresh", "--resume", "x"])
     assert not again.fresh and again.resume is None
+
+
+def test_ssh_cannot_reach_is_one_host_and_why(monkeypatch):
+    """ssh's own words for a machine harness launch --backend torch cannot reach: left out, noted for the
+    one line of harness launch (`cannot reach host X (ssh: ...)`)."""
+    import io
+    import types
+
+    from harness.launch.output import Output
+
+    said = b"ssh: Could not resolve hostname nosuchhost.invalid: Name or service not known\n"
+    said += b"ssh: connect to host 10.9.9.9 port 2222: Connection refused\n"
+    proc = types.SimpleNamespace(stdout=io.BytesIO(b""), stderr=io.BytesIO(said))
+    shown = io.BytesIO()
+    monkeypatch.setattr("sys.stderr", types.SimpleNamespace(buffer=shown, flush=lambda: None))
+    out = Output(proc)  # type: ignore[arg-type]
+    out.join()
+    assert shown.getvalue() == b""
+    assert sorted(out.unreachable) == ["10.9.9.9", "nosuchhost.invalid"]
+    assert out.unreachable["10.9.9.9"] == "ssh: connect to host 10.9.9.9 port 2222: Connection refused"
