@@ -3,10 +3,12 @@ started by torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and
 to run when Horovod cannot be built.
 
 Gradients: each model that an optimizer trains is given a DDP reducer (bucketed allreduces overlapped with
-the backward pass, fp16/bf16 compression by DDP's comm hooks), but the trial keeps its own module: its
-class is swapped for a subclass whose ``__call__`` runs the forward pass through DDP while gradients are
-being recorded. So ``model.fc``, ``model.state_dict()`` and ``isinstance`` see what they saw under Horovod,
-and checkpoints are the same under both backends. Aggregation windows use ``no_sync`` (`no_sync()`).
+the backward pass, fp16 compression by a comm hook in Horovod's order), but the trial keeps its own module:
+its class is swapped for a subclass whose ``__call__`` runs the forward pass through DDP while gradients
+are being recorded. So ``model.fc``, ``model.state_dict()`` and ``isinstance`` see what they saw under
+Horovod, and checkpoints are the same under both backends. Aggregation windows use ``no_sync``
+(`no_sync()`). At two ranks training gives the same bits as under Horovod (tests/integration/
+test_backends.py says why).
 
 The harness's own collectives (metrics, stop votes, objects) go through a Gloo group of their own: they work
 on CPU tensors under NCCL too, and never queue behind DDP's buckets.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, TypeVar
@@ -25,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from harness.distributed import watchdog
 from harness.distributed.backend import dumps, loads
+from harness.errors import HarnessError, PeerFailure
 
 if TYPE_CHECKING:
     from harness.config.optimizations import TrainingOptions
@@ -38,11 +43,29 @@ TIMEOUT = datetime.timedelta(hours=2)
 
 _inside = threading.local()  # set while DDP's forward calls back into the module
 
+# How Gloo says that a peer's connection broke (its process died, or its machine): RuntimeErrors whose
+# message names Gloo's transport, e.g. "[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6359:
+# Connection reset by peer. This is typically caused by ...".
+_GLOO_TRANSPORT = re.compile(r"gloo[/\\]transport[/\\]")
+_REASONS = [re.compile(r) for r in (r"Connection \w+ by peer", r"Timed out[^.]*", r"Read error|Write error")]
+
 
 def torchrun_environment(env: Any = None) -> bool:
     """Whether torchrun (or a launcher that sets what torchrun sets) started this process as one of N."""
     env = os.environ if env is None else env
     return all(v in env for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def peer_failure(e: BaseException) -> Optional[PeerFailure]:
+    """The `PeerFailure` that `e` means when it says that another rank is gone (a connection broken inside a
+    collective: DDP's gradient allreduce or one of the harness's), else None. That rank, or the launcher,
+    reports the cause; this rank's error is a consequence (cli.py: said only if no one stops this rank)."""
+    text = str(e)
+    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or _GLOO_TRANSPORT.search(text)):
+        return None
+    reason = next((found.group(0) for r in _REASONS for found in [r.search(text)] if found), None)
+    said = reason or (text.splitlines()[0][:200] if text else type(e).__name__)
+    return PeerFailure(f"another rank is gone: a collective lost its connection to it ({said})")
 
 
 class TorchDistributed:
@@ -135,13 +158,11 @@ class TorchDistributed:
                 process_group=None,
             )
         if options is not None and options.gradient_compression:
-            # Horovod's Compression.fp16; a bf16-trained model's gradients travel in bf16 (fp16's range
-            # could overflow them).
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as hooks
-
-            bf16 = options.precision == "bf16"
-            ddp.register_comm_hook(None, hooks.bf16_compress_hook if bf16 else hooks.fp16_compress_hook)
+            ddp.register_comm_hook(self.size, _fp16_compressed)
         _route_through(module, ddp)
+        # A rank whose backward pass waits for a peer's gradients is in autograd's engine (the reducer's
+        # wait is C++): the stall watchdog gives the stuck peer its grace to report first.
+        watchdog.waiting_also_in(os.sep + os.path.join("torch", "autograd") + os.sep)
         return ddp
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
@@ -182,9 +203,59 @@ def _route_through(module: torch.nn.Module, ddp: DistributedDataParallel) -> Non
         _inside.on = True
         try:
             return ddp(*args, **kwargs)
+        except RuntimeError as e:
+            unused = _unused_parameters(e, self)
+            if unused is None:
+                raise
+            raise HarnessError(
+                f"{cls.__name__}'s parameter(s) {', '.join(unused)} got no gradient in the last training "
+                "batch (not used to compute the loss): the torch backend's DDP averages every trained "
+                "parameter's gradient; use them in forward(), or set requires_grad=False on them"
+            ) from None
         finally:
             _inside.on = False
 
     routed = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     routed.__qualname__ = cls.__qualname__
     module.__class__ = routed
+
+
+def _fp16_compressed(size: int, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's communication hook for gradient compression, in Horovod's order (Compression.fp16 with
+    op=Average): the gradients are rounded to fp16, summed, and the fp16 sum scaled by 1/size, then widened
+    back. DDP's own fp16_compress_hook divides before the sum, which rounds small gradients differently (and
+    its bf16 hook needs NCCL): this order gives the same bits as Horovod."""
+    compressed = bucket.buffer().to(torch.float16)
+    work = dist.all_reduce(compressed, async_op=True)
+    assert work is not None  # async_op=True
+
+    def widen(fut: torch.futures.Future[List[torch.Tensor]]) -> torch.Tensor:
+        buffer = bucket.buffer()
+        buffer.copy_(fut.value()[0].mul_(1.0 / size))
+        return buffer
+
+    return work.get_future().then(widen)
+
+
+# DDP checks a hook's annotations as objects; `from __future__ import annotations` made them strings.
+_fp16_compressed.__annotations__.update(bucket=dist.GradBucket, size=int)
+_fp16_compressed.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
+_UNUSED = re.compile(r"Parameter indices which did not receive grad for rank \d+: ([\d ]+)")
+
+
+def _unused_parameters(e: RuntimeError, module: torch.nn.Module) -> Optional[List[str]]:
+    """The names of the parameters that DDP says got no gradient (its multi-line error gives their indices
+    among the module's trained parameters, in DDP's order), or None for another error."""
+    found = _UNUSED.search(str(e))
+    if found is None:
+        return None
+    trained, seen = [], set()
+    for prefix, sub in module.named_modules():  # DDP's order (_build_params_for_reducer)
+        for name, p in sub.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                trained.append(f"{prefix}.{name}" if prefix else name)
+    indices = [int(i) for i in found.group(1).split()]
+    return [trained[i] if i < len(trained) else f"#{i}" for i in indices]

@@ -27,13 +27,22 @@ GRACE_SECONDS = 15.0
 STARTUP_SECONDS = 300.0
 SETUP = "set-up"  # the phase from the end of start-up to the first batch
 # Frames in these files mean "waiting for other ranks", not "stuck in the trial's code".
-_WAITING_FILES = (
+_WAITING_FILES = [
     os.sep + "horovod" + os.sep,
     os.sep + "mpi4py" + os.sep,
     os.sep + os.path.join("torch", "distributed") + os.sep,  # the torch backend's collectives
     os.sep + os.path.join("torch", "nn", "parallel") + os.sep,  # DDP's reducer
+    os.sep + os.path.join("harness", "distributed", "torch_ddp.py"),  # its stop votes' wait()
     "distributed.py",
-)
+]
+
+
+def waiting_also_in(marker: str) -> None:
+    """Frames in files whose path contains `marker` mean waiting for other ranks too. Under DDP the backward
+    pass waits for the gradients' allreduce inside autograd's engine, whose innermost Python frame is
+    torch/autograd's: the torch backend adds it once it has attached DDP to a model."""
+    if marker not in _WAITING_FILES:
+        _WAITING_FILES.append(marker)
 
 
 class Watchdog:

@@ -2,6 +2,7 @@
 chooses, DDP's routing of the trial's own module, no_sync, and the object collectives' round trip."""
 
 import copy
+import os
 import socket
 import sys
 
@@ -10,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from harness import distributed
-from harness.distributed import torch_ddp
-from harness.errors import HarnessError
+from harness.config.optimizations import TrainingOptions
+from harness.distributed import torch_ddp, watchdog
+from harness.errors import HarnessError, PeerFailure
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -129,3 +131,65 @@ def test_objects_with_tensors_travel(world_of_one):
     assert world_of_one.allreduce_min(torch.tensor([4, 2])).tolist() == [4, 2]
     stop, interval = world_of_one.finish_vote(world_of_one.start_vote(True, 7))
     assert stop and interval == 7
+
+
+def test_a_broken_gloo_connection_is_another_ranks_failure():
+    gloo = (
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6359: Connection "
+        "reset by peer. This is typically caused by a remote worker hanging or bugs in the application."
+    )
+    failure = torch_ddp.peer_failure(RuntimeError(gloo))
+    assert isinstance(failure, PeerFailure)
+    assert str(failure) == (
+        "another rank is gone: a collective lost its connection to it (Connection reset by peer)"
+    )
+    assert torch_ddp.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+    @distributed.peer_failures
+    def training():
+        raise RuntimeError(gloo)
+
+    with pytest.raises(PeerFailure):
+        training()
+
+
+class Spare(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(3, 2)
+        self.spare = torch.nn.Linear(2, 2)  # never used in forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_without_gradient_is_one_line_naming_it(world_of_one):
+    model = Spare()
+    world_of_one.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(HarnessError) as e:
+        model(torch.ones(1, 3)).sum().backward()  # DDP finds the last batch's reduction unfinished
+    assert "Spare's parameter(s) spare.weight, spare.bias got no gradient" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_waiting_in_ddps_backward_is_waiting_for_a_peer(world_of_one):
+    marker = os.sep + os.path.join("torch", "autograd") + os.sep
+    model = Net()
+    world_of_one.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert marker in watchdog._WAITING_FILES  # the stall watchdog gives the peer its grace
+
+
+def test_compression_rounds_to_fp16_as_horovod(world_of_one):
+    torch.manual_seed(0)
+    model = Net()
+    options = TrainingOptions(gradient_compression=True)
+    world_of_one.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, options)
+    x = torch.randn(4, 3) / 3
+    model(x).sum().backward()
+    compressed = model.fc.weight.grad.clone()
+    model.fc.weight.grad = None
+    with world_of_one.no_sync():  # no communication: the full-precision gradient
+        model(x).sum().backward()
+    exact = model.fc.weight.grad
+    assert torch.equal(compressed, exact.half().float()) and not torch.equal(compressed, exact)
