@@ -376,3 +376,17 @@ def test_ssh_cannot_reach_is_one_host_and_why(monkeypatch):
     assert shown.getvalue() == b""
     assert sorted(out.unreachable) == ["10.9.9.9", "nosuchhost.invalid"]
     assert out.unreachable["10.9.9.9"] == "ssh: connect to host 10.9.9.9 port 2222: Connection refused"
+
+
+def test_search_passes_the_backend_to_each_trials_launch(tmp_path):
+    import types
+
+    from harness.search import command
+
+    args = command.parse(
+        ["m", "--config", "c.yaml", "--output", str(tmp_path), "-np", "2", "--backend", "torch"]
+    )
+    trial = command.Search._command(types.SimpleNamespace(args=args), str(tmp_path / "1"))  # type: ignore[arg-type]
+    assert trial[3:8] == ["launch", "-np", "2", "--backend", "torch"]
+    with pytest.raises(HarnessError, match="--launcher gloo is horovodrun's"):
+        command.parse(["m", "--config", "c.yaml", "--backend", "torch", "--launcher", "gloo"])
