@@ -17,9 +17,15 @@ the same trial written in PEDL's later API; ``both`` runs the two APIs and the p
 adds their ratio (``train_batch_vs_losses_*``); ``context`` runs Determined's context API against the
 ``train_batch`` API (``context_vs_train_batch_*``).
 
+``--backend torch`` runs the harness on its torch backend (``TorchDistributed``: DDP's reducer on the trial's
+module, stop votes on its Gloo group) against the plain loop on ``DistributedDataParallel``, both in a
+one-rank Gloo process group: the per-batch cost the torch backend adds to hand-written DDP, without a second
+rank's scheduling noise (a one-rank group still runs DDP's bucketing and its allreduces).
+
     .venv/bin/python bench/loop_overhead.py --workload mlp --batches 4000 --pairs 7
     .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api both
     .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api context
+    .venv/bin/python bench/loop_overhead.py --workload mlp --backend torch
 """
 
 import argparse
@@ -60,15 +66,17 @@ def _step_times() -> tuple:
     return statistics.median(steps), (ends[-1] - ends[0]) / len(steps)
 
 
-def harness_run(model_def, config_path: str, output: str) -> tuple:
+def harness_run(model_def, config_path: str, output: str, backend=None) -> tuple:
     _reset_probe()
     cfg = config_mod.load_config(config_path)
+    if backend is not None:
+        backend._ddp = {}  # this run's model gets its own reducer (a dead model's id may be reused)
     with contextlib.redirect_stdout(io.StringIO()):
-        loop.train(model_def, cfg, output, distributed.Local(), fresh=True)
+        loop.train(model_def, cfg, output, backend or distributed.Local(), fresh=True)
     return _step_times()
 
 
-def plain_run(workload: str, batches: int, report_every: int) -> tuple:
+def plain_run(workload: str, batches: int, report_every: int, ddp: bool = False) -> tuple:
     _reset_probe()
     torch.manual_seed(common.SEED)
     train_set, _ = common.datasets()
@@ -80,6 +88,8 @@ def plain_run(workload: str, batches: int, report_every: int) -> tuple:
         train_set, batch_size=w.global_batch, sampler=sampler, drop_last=True
     )
     model = common.build_model(workload)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = common.build_optimizer(workload, model)
     model.train()
     step, epoch = 0, 0
@@ -106,6 +116,12 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--report-every", type=int, default=100)
     p.add_argument("--trial-api", choices=("losses", "train_batch", "both", "context"), default="losses")
+    p.add_argument(
+        "--backend",
+        choices=("local", "torch"),
+        default="local",
+        help="torch: the harness's torch backend against a plain DDP loop, in a one-rank Gloo group",
+    )
     args = p.parse_args()
     if args.batches <= PROBE.warmup + 1:
         p.error(f"--batches must exceed the warm-up of {PROBE.warmup}")
@@ -137,20 +153,28 @@ def main() -> None:
         },
     }[args.trial_api]
     output = os.path.join(work, "output")
+    backend = None
+    if args.backend == "torch":  # a one-rank group: TorchDistributed makes it (and its own Gloo group)
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        backend = distributed.TorchDistributed()
     runs = {name: [] for name in [*variants, "plain"]}
     for i in range(args.pairs):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for name in order:
             if name == "plain":
-                runs[name].append(plain_run(args.workload, args.batches, args.report_every))
+                runs[name].append(
+                    plain_run(args.workload, args.batches, args.report_every, ddp=backend is not None)
+                )
             else:
-                runs[name].append(harness_run(variants[name], config_path, output))
+                runs[name].append(harness_run(variants[name], config_path, output, backend))
     PROBE.out = None  # nothing to write at exit
     result = {
         "workload": args.workload,
         "batches": args.batches,
         "pairs": args.pairs,
         "trial_api": args.trial_api,
+        "backend": args.backend,
     }
     for name, values in runs.items():
         result[f"{name}_median_step_us"] = statistics.median(v[0] for v in values) * 1e6
@@ -167,6 +191,16 @@ def main() -> None:
         result["context_vs_train_batch_median_step"] = statistics.median(t[0] / s[0] for t, s in both)
         result["context_vs_train_batch_mean_step"] = statistics.median(t[1] / s[1] for t, s in both)
     print(json.dumps(result, indent=1))
+    if backend is not None:
+        backend.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The benchmark: the harness against a hand-written Horovod loop, torchrun + DDP and Lightning.
+"""The benchmark: the harness (on Horovod, and on its torch backend under torchrun) against a hand-written
+Horovod loop, torchrun + DDP and Lightning.
 
 Same model, data, seed, global batch, number of ranks, threads per rank (cores / ranks) and number of
 training batches for every contender; each configuration is launched fresh, the contenders interleaved
-(A B C D, then the next repetition in a rotated order), and medians reported. The training options
+(A B C D E, then the next repetition in a rotated order), and medians reported. The training options
 (gradient aggregation, fp16 gradient compression, bf16 autocast: VARIANTS) are measured at np=2 for the
 harness and the hand-written Horovod loop, each with the same option. See bench/README.md.
 
@@ -33,13 +34,18 @@ BIN = os.path.dirname(os.path.abspath(sys.executable))
 sys.path.insert(0, os.path.join(HERE, "workloads"))
 import common  # noqa: E402
 
-CONTENDERS = ("harness", "horovod", "ddp", "lightning")
+# In this order, rotated every repetition: each harness backend runs next to its hand-written counterpart.
+CONTENDERS = ("harness", "horovod", "torch", "ddp", "lightning")
 LABELS = {
     "harness": "harness (horovodrun)",
     "horovod": "hand-written Horovod (horovodrun)",
+    "torch": "harness, torch backend (torchrun)",
     "ddp": "torchrun + DDP (Gloo)",
     "lightning": "Lightning Trainer (torchrun, DDP)",
 }
+HARNESS = ("harness", "torch")  # the harness's contenders: a model definition run by `harness`
+# Each harness contender's hand-written counterpart: the same launcher and collectives, written by hand.
+HANDWRITTEN = {"harness": "horovod", "torch": "ddp"}
 LOG_EVERY = 100  # the harness's scheduling_unit; the loops print the loss as often
 
 # Training batches per run (global batches; optimizer steps too, except under gradient aggregation, which
@@ -50,6 +56,7 @@ FULL_BATCHES = {"conv": (1200, 50), "mlp": (5000, 300)}  # long enough to averag
 QUICK_BATCHES = {"conv": (12, 4), "mlp": (32, 10)}
 
 TARGETS = {"conv": 0.97, "mlp": 0.90}  # harness / hand-written Horovod, training samples/s
+TORCH_TARGET = 0.97  # the torch backend / hand-written torchrun + DDP, training samples/s (issue 25)
 FIRST_BATCH_SLACK_S = 5.0
 VALIDATION_OVERHEAD_MAX = 0.01
 
@@ -247,7 +254,7 @@ def command(
     horovodrun = [os.path.join(BIN, "horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
     torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(np)]
     loop_args = ["--workload", workload, "--batches", str(batches), "--log-every", str(LOG_EVERY)]
-    if contender == "harness":
+    if contender in HARNESS:
         config = os.path.join(run_dir, "experiment.yaml")
         with open(config, "w") as f:
             f.write(
@@ -257,14 +264,34 @@ def command(
                 f"reproducibility:\n  experiment_seed: {common.SEED}\n" + v.optimizations()
             )
         model_dir = os.path.join(HERE, "workloads", workload)
-        harness = [os.path.join(BIN, "harness"), model_dir, "--config", config]
-        return horovodrun + harness + ["--output", os.path.join(run_dir, "output")]
+        args = [model_dir, "--config", config, "--output", os.path.join(run_dir, "output")]
+        if contender == "torch":  # torchrun's environment picks the torch backend (DDP, Gloo)
+            return torchrun + ["-m", "harness", *args]
+        return horovodrun + [os.path.join(BIN, "harness"), *args]
     if contender == "horovod":
         return horovodrun + [sys.executable, os.path.join(HERE, "hvd_loop.py"), *loop_args, *v.loop_args()]
     if variant != BASELINE:
         raise ValueError(f"{contender} has no training options (variant {variant})")
     script = "ddp_loop.py" if contender == "ddp" else "lightning_loop.py"
     return torchrun + [os.path.join(HERE, script), *loop_args]
+
+
+def launch(cmd: List[str], env: Dict[str, str], cwd: str, log: Any, timeout: float) -> subprocess.Popen:
+    """Run a launcher to its end. Stopped early (a timeout, Ctrl-C, SIGTERM), it gets SIGTERM first, so that
+    it ends its ranks (torchrun starts each in a session of its own: a SIGKILL to torchrun would leave them
+    running), and SIGKILL 15 s later."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    return proc
 
 
 def run_one(
@@ -290,16 +317,16 @@ def run_one(
         BENCH_WARMUP=str(warmup_steps),
         PYTHONUNBUFFERED="1",
     )
-    if plan.harness_src and contender == "harness":
+    if contender in HARNESS:  # the backend each is measured on, whatever the caller's environment says
+        env["HARNESS_BACKEND"] = "torch" if contender == "torch" else "horovod"
+    if plan.harness_src and contender in HARNESS:
         env["PYTHONPATH"] = os.pathsep.join([plan.harness_src] + [p for p in [env.get("PYTHONPATH")] if p])
     busy_before = wait_until_quiet(plan.quiet_wait_s) if plan.quiet_wait_s > 0 else None
     log_path = os.path.join(run_dir, "log.txt")
     with open(log_path, "w") as log, ForeignLoad() as foreign:
         launched = time.time()
         env["BENCH_LAUNCH_WALL"] = repr(launched)
-        proc = subprocess.run(
-            cmd, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, timeout=plan.timeout
-        )
+        proc = launch(cmd, env, run_dir, log, plan.timeout)
         wall = time.time() - launched
     if proc.returncode != 0:
         with open(log_path) as f:
@@ -318,7 +345,7 @@ def run_one(
                 f"steps in {batches} batches (expected {batches // k})"
             )
     zero = ranks[0]
-    if contender == "harness":
+    if contender in HARNESS:
         # The harness is measured from outside: its validation ends when rank 0 writes the report.
         with open(os.path.join(run_dir, "output", "metrics.jsonl")) as f:
             val = [e for e in map(json.loads, f) if e["type"] == "validation"][-1]
@@ -432,6 +459,9 @@ def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[
     def ratio(x, y):
         return x / y
 
+    def inverse_ratio(x, y):
+        return y / x
+
     def minus(x, y):
         return x - y
 
@@ -444,6 +474,13 @@ def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[
                 ("first_batch_minus_handwritten_s", "first_batch_s", minus),
             ):
                 row[key], row[key + "_all"] = paired((c, w, np, v), ("horovod", w, np, v), metric, combine)
+        if runs("ddp", w, np, v):  # and against torchrun + DDP (the torch backend's hand-written counterpart)
+            for key, metric, combine in (
+                ("throughput_vs_ddp", "samples_per_s", ratio),
+                ("step_speed_vs_ddp", "step_ms_median", inverse_ratio),  # DDP's step ms / this one's
+                ("first_batch_minus_ddp_s", "first_batch_s", minus),
+            ):
+                row[key], row[key + "_all"] = paired((c, w, np, v), ("ddp", w, np, v), metric, combine)
         if v != BASELINE and runs(c, w, np, BASELINE):  # the option's effect: against itself without options
             row["throughput_vs_fp32"], row["throughput_vs_fp32_all"] = paired(
                 (c, w, np, v), (c, w, np, BASELINE), "samples_per_s", ratio
@@ -507,9 +544,39 @@ def summarize(plan: Plan, results: List[Dict[str, Any]], val_overhead: Optional[
                 "weighted vs unweighted MetricAccumulator in TrialAdapter.evaluate (in-process A/B)",
             )
 
+    for w, np, v in plan_configs(plan):  # the torch backend against hand-written torchrun + DDP
+        t = row_of(w, np, "torch", v)
+        if t is None or v != BASELINE:
+            continue
+        r = t.get("throughput_vs_ddp")
+        if r is not None:
+            target(
+                f"{w} np={np}: torch backend / torchrun + DDP >= {TORCH_TARGET:.2f}",
+                round(r, 4),
+                r >= TORCH_TARGET,
+                "median over repetitions of the ratio of training samples/s",
+            )
+        r, _ = paired(("torch", w, np, v), ("lightning", w, np, v), "samples_per_s", ratio)
+        if r is not None:
+            target(
+                f"{w} np={np}: torch backend >= {LABELS['lightning']}",
+                round(r, 4),
+                r >= 1.0,
+                "median over repetitions of the ratio of training samples/s",
+            )
+        d = t.get("first_batch_minus_ddp_s")
+        if d is not None:
+            target(
+                f"{w} np={np}: torch backend's launch-to-first-batch <= torchrun + DDP + "
+                f"{FIRST_BATCH_SLACK_S:.0f} s",
+                round(d, 2),
+                d <= FIRST_BATCH_SLACK_S,
+                "median over repetitions of the seconds more than the hand-written DDP loop",
+            )
+
     scaling = {}
     for w in plan.workloads:
-        for c in ("harness", "horovod"):
+        for c in ("harness", "horovod", "torch", "ddp"):
             one, two = row_of(w, 1, c), row_of(w, 2, c)
             if one and two:
                 speedup = two["samples_per_s"] / one["samples_per_s"]
@@ -567,6 +634,77 @@ def environment(plan: Plan) -> Dict[str, Any]:
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def load_sentence(load: Optional[Dict[str, List[float]]]) -> str:
+    """The machine's load averages (as `uptime` prints them) before and after the runs."""
+    if not load:
+        return ""
+    fmt = ", ".join
+    return (
+        f" Load average (1, 5, 15 min) before the runs {fmt(f'{x:.2f}' for x in load['start'])}, "
+        f"after {fmt(f'{x:.2f}' for x in load['end'])}."
+    )
+
+
+def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
+    return f"{fmt.format(min(values))}–{fmt.format(max(values))}" if values else ""
+
+
+def torch_backend_markdown(rows: List[Dict[str, Any]]) -> List[str]:
+    """The torch backend against hand-written torchrun + DDP: medians, the spread over repetitions, and the
+    ratio of each repetition (the two run back to back in every repetition)."""
+
+    def row_of(w: str, np: int, c: str) -> Optional[Dict[str, Any]]:
+        return next(
+            (
+                r
+                for r in rows
+                if (r["workload"], r["np"], r["contender"], r.get("variant", BASELINE))
+                == (w, np, c, BASELINE)
+            ),
+            None,
+        )
+
+    pairs = [
+        (r, d)
+        for r in rows
+        if r["contender"] == "torch" and r.get("variant", BASELINE) == BASELINE
+        for d in [row_of(r["workload"], r["np"], "ddp")]
+        if d is not None
+    ]
+    if not pairs:
+        return []
+    out = [
+        "## The torch backend against torchrun + DDP",
+        "",
+        "Both launched by `torchrun --standalone --nproc_per_node N`, Gloo, the same threads per rank "
+        "(`OMP_NUM_THREADS` = cores / ranks, which torchrun keeps), the same data, batches and validation. "
+        "At np=1 the harness runs as one process (no process group: `WORLD_SIZE=1`) and the DDP loop wraps "
+        "its model in a one-rank DDP. Medians over repetitions, min–max beside them; the ratio is taken in "
+        "each repetition (they run back to back) and listed in repetition order. Samples/s divide the "
+        "timed batches by their whole time, so a burst of other work on the machine lowers them; the median "
+        "step time is what a typical batch took, and its ratio (DDP's / the torch backend's: above 1 is "
+        "faster) moves less with such bursts.",
+        "",
+        "| workload | np | torch backend samples/s | torchrun + DDP samples/s | ratio (median) | ratio per "
+        "repetition | median step ms, torch backend | torchrun + DDP | step ratio | launch→first batch s, "
+        "torch backend | torchrun + DDP |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for t, d in pairs:
+        step = t.get("step_speed_vs_ddp")
+        out.append(
+            f"| {t['workload']} | {t['np']} | {t['samples_per_s']:,.0f} ({spread(t['samples_per_s_all'])}) | "
+            f"{d['samples_per_s']:,.0f} ({spread(d['samples_per_s_all'])}) | "
+            f"{t['throughput_vs_ddp']:.3f} | {', '.join(f'{x:.3f}' for x in t['throughput_vs_ddp_all'])} | "
+            f"{t['step_ms_median']:.3f} | {d['step_ms_median']:.3f} | "
+            f"{'' if step is None else f'{step:.3f}'} | "
+            f"{t['first_batch_s']:.2f} ({spread(t['first_batch_s_all'], '{:.2f}')}) | "
+            f"{d['first_batch_s']:.2f} ({spread(d['first_batch_s_all'], '{:.2f}')}) |"
+        )
+    out.append("")
+    return out
 
 
 def options_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any]) -> List[str]:
@@ -632,6 +770,7 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
         f"Horovod {env['horovod']} (controller: {env['horovod_controller']}), "
         f"{env['lightning'] or 'no Lightning'}. "
         f"{env['reps']} repetitions, {env['date']}. Harness measured: {env['harness']}."
+        + load_sentence(env.get("load_average"))
     )
     out.append("")
     for w, what in env["workloads"].items():
@@ -642,22 +781,24 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
         )
     out.append("")
     out += [
-        "| workload | np | contender | train samples/s | vs hand-written | median step ms | validation ms "
-        "| launch→first batch s | peak RSS / rank MiB | val accuracy |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | np | contender | train samples/s | vs hand-written Horovod | vs torchrun + DDP "
+        "| median step ms | validation ms | launch→first batch s | peak RSS / rank MiB | val accuracy |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         if r.get("variant", BASELINE) != BASELINE:
             continue
-        ratio = r.get("throughput_vs_handwritten")
+        ratio, vs_ddp = r.get("throughput_vs_handwritten"), r.get("throughput_vs_ddp")
         acc = r["validation_metrics"].get("accuracy")
         out.append(
             f"| {r['workload']} | {r['np']} | {LABELS[r['contender']]} | {r['samples_per_s']:,.0f} | "
-            f"{'' if ratio is None else f'{ratio:.3f}'} | {r['step_ms_median']:.3f} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | {'' if vs_ddp is None else f'{vs_ddp:.3f}'} | "
+            f"{r['step_ms_median']:.3f} | "
             f"{r['validation_s'] * 1e3:.1f} | "
             f"{r['first_batch_s']:.2f} | {r['peak_rss_mib']:.0f} | {'' if acc is None else f'{acc:.4f}'} |"
         )
     out.append("")
+    out += torch_backend_markdown(summary["rows"])
     options = [r for r in summary["rows"] if r.get("variant", BASELINE) != BASELINE]
     if options:
         out += options_markdown(options, env)
@@ -671,7 +812,7 @@ def markdown(summary: Dict[str, Any], env: Dict[str, Any], notes: List[str], fin
             "",
             "Speed-up = samples/s at np=2 / samples/s at np=1; efficiency = speed-up / 2. On this machine "
             "np=1 already has every core (threads = cores / ranks), so the ideal speed-up is about 1, not 2: "
-            "compare the harness's with the hand-written loop's.",
+            "compare each harness backend's with its hand-written loop's (Horovod's, DDP's).",
             "",
             "| workload | contender | speed-up | efficiency |",
             "|---|---|---:|---:|",
@@ -725,6 +866,31 @@ def measure_validation_overhead(plan: Plan, quick: bool) -> Dict[str, Any]:
         env=env,
     )
     return json.loads(out.stdout)
+
+
+def merge_results(paths: List[str]) -> Dict[str, Any]:
+    """Earlier results.json files as one: the first's environment and validation cost, every file's runs
+    (their repetitions numbered on from the previous file's), notes and load averages."""
+    merged: Dict[str, Any] = {}
+    runs: List[Dict[str, Any]] = []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        offset = merged["environment"]["reps"] if merged else 0
+        runs += [{**r, "rep": r["rep"] + offset} for r in saved["runs"]]
+        if not merged:
+            merged = saved
+            continue
+        env, more = merged["environment"], saved["environment"]
+        env["reps"] += more["reps"]
+        env["date"] += f"; {more['date']}"
+        if env.get("load_average") and more.get("load_average"):
+            env["load_average"]["end"] = more["load_average"]["end"]
+        merged["notes"] += [n for n in saved["notes"] if n not in merged["notes"]]
+    if len(paths) > 1:
+        merged["environment"]["merged_from"] = list(paths)
+    merged["runs"] = runs
+    return merged
 
 
 def read_findings() -> str:
@@ -782,15 +948,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         "up to this many times (default 2; --quick: 0)",
     )
     p.add_argument(
+        "--skip-validation-cost",
+        action="store_true",
+        help="leave out the in-process measurement of exact validation's cost (val_overhead.py), e.g. in "
+        "runs of a few contenders",
+    )
+    p.add_argument(
         "--render",
         metavar="RESULTS_JSON",
+        nargs="+",
         help="only recompute the summary and rewrite RESULTS.md and results.json (in --out) from the runs "
-        "in an earlier results.json (e.g. after editing findings.md)",
+        "in an earlier results.json (e.g. after editing findings.md); several: their runs as the "
+        "repetitions of one run, in the order given (e.g. one-repetition runs made one after another)",
     )
     args = p.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            saved = json.load(f)
+        saved = merge_results(args.render)
         env = saved["environment"]
         plan = Plan(
             workloads=list(env["workloads"]),
@@ -839,6 +1012,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if plan.option_reps is None and args.variants is None and not args.quick:
         plan.option_reps = FULL_OPTION_REPS
     start = time.time()
+    load_start = list(os.getloadavg())
     print(
         f"bench: {plan.reps} repetition(s) of {plan.workloads} x np {plan.nps} x {plan.contenders}; options "
         f"{[f'{w} np={np} {v}' for w, np, v in plan.configs if v != BASELINE] or 'none'}"
@@ -859,9 +1033,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             "runs kept still had such interference (up to "
             f"{max([r['foreign_load'] for r in disturbed] or [0]):.0%}; `foreign_load` in results.json)."
         )
-    val_overhead = measure_validation_overhead(plan, args.quick)
+    val_overhead = None if args.skip_validation_cost else measure_validation_overhead(plan, args.quick)
     summary = summarize(plan, results, val_overhead)
     env = environment(plan)
+    env["load_average"] = {"start": load_start, "end": list(os.getloadavg())}
     findings = "" if args.quick else read_findings()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -38,14 +38,14 @@ def test_bench_quick_runs_every_contender(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=240,  # two more runs than before the training options (agg4: harness, Horovod loop)
+        timeout=360,  # 7 runs: 5 contenders (Lightning if installed), agg4 for the harness and Horovod loop
         env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"]),
     )
     took = time.monotonic() - start
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
     results = json.loads((out / "results.json").read_text())
-    expected = {"harness", "horovod", "ddp"} | ({"lightning"} if lightning_installed() else set())
+    expected = {"harness", "horovod", "torch", "ddp"} | ({"lightning"} if lightning_installed() else set())
     baseline = [r for r in results["rows"] if r["variant"] == "fp32"]
     assert {r["contender"] for r in baseline} == expected
     # --quick also runs one training option (gradient aggregation, k=4) for the harness and the Horovod loop.
@@ -72,12 +72,20 @@ def test_bench_quick_runs_every_contender(tmp_path):
     names = {t["target"] for t in results["targets"]}
     assert any("hand-written Horovod" in n for n in names) and any("exact validation" in n for n in names)
     assert any(n.startswith("mlp np=2 agg4: harness / hand-written Horovod") for n in names), names
+    # The torch backend is compared with hand-written torchrun + DDP, and it ran on that backend: torchrun's
+    # two ranks in one Gloo process group (as one process each, every rank would train on its own).
+    assert any(n.startswith("mlp np=2: torch backend / torchrun + DDP") for n in names), names
+    torch_row = next(r for r in baseline if r["contender"] == "torch")
+    assert torch_row["throughput_vs_ddp"] > 0 and len(torch_row["throughput_vs_ddp_all"]) == 1, torch_row
+    log = (work / "mlp-np2-fp32-torch-rep0" / "log.txt").read_text()
+    assert "training on cpu with 2 ranks (gloo)" in log, log[-2000:]
 
     md = (out / "RESULTS.md").read_text()
     assert "| workload | np | contender |" in md and "## Targets" in md
     assert "## Training options" in md and "| mlp | 2 | agg4 |" in md
-    for label in ("harness (horovodrun)", "hand-written Horovod", "torchrun + DDP"):
+    for label in ("harness (horovodrun)", "hand-written Horovod", "torchrun + DDP", "harness, torch backend"):
         assert label in md
+    assert "## The torch backend against torchrun + DDP" in md and "Load average" in md
     print(f"bench --quick took {took:.0f} s")
 
 
