@@ -1,4 +1,5 @@
-"""Mixed precision on one GPU: the harness against a hand-written Horovod + torch.amp loop.
+"""Mixed precision on one GPU: the harness against a hand-written Horovod + torch.amp loop, and the harness's
+torch backend (torchrun, DDP, NCCL) against the same loop on torchrun + DDP.
 
 Both train ResNet-18 (11.2 M parameters) on synthetic 3x64x64 images, 10 classes, global batch 256, SGD with
 momentum, from the same generated experiment config (tests/gpu/amp_model: model definition, network, data;
@@ -10,16 +11,24 @@ process by the probe of amp_model/amp_common.py: training samples/s between the 
 last batch (CUDA events at every training forward pass, no extra synchronisation), and the peak GPU memory of
 training after the warm-up (``torch.cuda.max_memory_allocated``).
 
+The torch pair (``--backends torch``): the harness run by ``torchrun --standalone --nproc_per_node N -m
+harness`` (its torch backend: DDP's reducer, NCCL on CUDA, Gloo on the CPU) against amp_loop.py under the
+same torchrun (DDP, the canonical AMP step), ``--nproc`` ranks (default: every GPU; 2 on the CPU), one GPU
+each, ``OMP_NUM_THREADS`` = cores / ranks for both. With one rank neither makes a process group (the
+harness's one-rank mode; amp_loop.py does the same), so NCCL is exercised only on a machine with 2+ GPUs. Its
+samples/s are rank 0's times the ranks (every rank trains the same number of batches of global / N records).
+
     python tests/gpu/amp_bench.py                          # on a GPU machine: the numbers (a few minutes)
     python tests/gpu/amp_bench.py --quick                  # tiny sizes, one repetition (a plumbing check)
     python tests/gpu/amp_bench.py --device cpu --quick     # fp32 and bf16 on the CPU (the harness refuses
                                                            # fp16 there), tiny sizes: the test's run
+    python tests/gpu/amp_bench.py --backends torch --precisions fp16   # the torch pair alone, fp16
 
 Writes OUT/amp_bench.json (machine, settings, every run, the summary) and OUT/amp_bench.md (the table and the
 machine, for bench/RESULTS.md), and prints the table. Exit status 1 if a run failed, a contender did not
 train in the precision asked for (the first forward pass's autocast state and output dtype), a loss did not
-fall, or (on CUDA) the harness's fp16 samples/s is below --target (0.97) of the hand-written loop's; 2 for
-bad arguments.
+fall, or (on CUDA) the harness's fp16 samples/s is below --target (0.97) of its hand-written loop's (each
+backend against its own); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -43,7 +52,17 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 MODEL_DIR = os.path.join(HERE, "amp_model")
 LOOP = os.path.join(HERE, "amp_loop.py")
 
-CONTENDERS = ("harness", "hand-written")
+# Each harness contender and its hand-written counterpart: one process (Horovod's pair), torchrun (torch's).
+CONTENDERS = ("harness", "hand-written", "harness-torch", "hand-written-ddp")
+BASE = {"harness": "hand-written", "harness-torch": "hand-written-ddp"}
+BACKENDS = {"horovod": ("harness", "hand-written"), "torch": ("harness-torch", "hand-written-ddp")}
+TORCHRUN = ("harness-torch", "hand-written-ddp")
+LABELS = {
+    "harness": "harness",
+    "hand-written": "hand-written Horovod + torch.amp",
+    "harness-torch": "harness, torch backend (torchrun)",
+    "hand-written-ddp": "hand-written torchrun + DDP + torch.amp",
+}
 SPELLING = {"fp32": "O0", "fp16": "O1", "bf16": "bf16"}  # optimizations.mixed_precision
 AUTOCAST = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}  # what the first forward pass must see
 
@@ -97,6 +116,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition")
     p.add_argument("--precisions", default=None, help="comma-separated: fp32,fp16,bf16 (CPU: fp32,bf16)")
+    p.add_argument(
+        "--backends",
+        default="horovod,torch",
+        help="comma-separated pairs: horovod (the harness and the hand-written loop, one process), torch "
+        "(the harness's torch backend and the loop on DDP, both under torchrun)",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=None, help="ranks of the torch pair (default: every GPU; CPU: 2)"
+    )
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "amp_bench"))
     p.add_argument("--reps", type=int, default=None, help="repetitions (full: 2, quick and CPU: 1)")
     p.add_argument("--target", type=float, default=0.97, help="harness / hand-written fp16 samples/s (CUDA)")
@@ -116,6 +144,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"unknown precision(s) {bad}; choose from fp32, fp16, bf16")
     if args.device == "cpu" and "fp16" in args.precisions:
         p.error("fp16 needs CUDA: the harness refuses fp16 on the CPU (use fp32,bf16)")
+    args.backends = [x.strip() for x in args.backends.split(",") if x.strip()]
+    bad = [x for x in args.backends if x not in BACKENDS]
+    if bad or not args.backends:
+        p.error(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    args.contenders = [c for c in CONTENDERS if any(c in BACKENDS[b] for b in args.backends)]
+    if args.nproc is not None and args.nproc < 1:
+        p.error("--nproc must be at least 1")
     if args.warmup < 1 or args.batches < args.warmup + 3:
         p.error("need --warmup >= 1 and --batches >= warmup + 3 (the timed batches)")
     return args
@@ -153,14 +188,26 @@ def run_one(
     env.setdefault("PYTHONUNBUFFERED", "1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the harness takes the GPU whenever there is one
-    if contender == "harness":
-        cmd = [sys.executable, "-m", "harness", MODEL_DIR, "--config", config_path]
+    ranks = args.nproc if contender in TORCHRUN else 1
+    launcher = [sys.executable, "-m", "harness"]
+    loop = [sys.executable, LOOP]
+    if contender in TORCHRUN:
+        # torchrun would set OMP_NUM_THREADS=1 for several ranks; both get cores / ranks instead, as the
+        # one-process pair does (the harness's own rule, and amp_loop.py's without OMP_NUM_THREADS).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+        env["HARNESS_BACKEND"] = "torch"
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        torchrun += ["--nproc_per_node", str(ranks)]
+        launcher, loop = torchrun + ["-m", "harness"], torchrun + [LOOP]
+    if contender in BASE:  # the harness
+        cmd = launcher + [MODEL_DIR, "--config", config_path]
         cmd += ["--output", os.path.join(work, "output"), "--fresh", "--quiet"]
     else:
-        cmd = [sys.executable, LOOP, "--config", config_path, "--device", args.device]
+        cmd = loop + ["--config", config_path, "--device", args.device]
     row: Dict[str, Any] = {
         "precision": precision,
         "contender": contender,
+        "ranks": ranks,
         "rep": rep,
         "log": work + "/log.txt",
     }
@@ -184,7 +231,7 @@ def run_one(
         row["log_tail"] = tail
         return row
     reports = probe.pop("reports", None)
-    if contender == "harness":  # the harness reports in its metrics.jsonl
+    if contender in BASE:  # the harness reports in its metrics.jsonl
         with open(os.path.join(work, "output", "metrics.jsonl")) as f:
             entries = [json.loads(line) for line in f]
         reports = [dict(batches=e["batches"], **e["metrics"]) for e in entries if e["type"] == "training"]
@@ -192,7 +239,7 @@ def run_one(
         probe["validation"] = val[-1] if val else None
     first = probe.get("first_forward", {})
     row.update(
-        samples_per_s=probe["samples_per_s"],
+        samples_per_s=probe["samples_per_s"] * ranks,  # rank 0's records x ranks: the global rate
         train_seconds=probe["train_seconds"],
         timed_batches=probe["timed_batches"],
         peak_train_allocated_mib=probe.get("peak_train_allocated_mib"),
@@ -237,12 +284,14 @@ def check_row(row: Dict[str, Any], args: argparse.Namespace) -> List[str]:
 
 
 def summarize(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Per precision and contender: median samples/s, peak memory; the ratio to the hand-written loop is the
-    median over repetitions of the ratio within each repetition (runs back to back)."""
+    """Per precision and contender: median samples/s, peak memory; the ratio to the contender's hand-written
+    loop (the harness: amp_loop.py in one process; the torch backend: amp_loop.py on DDP under torchrun) is
+    the median over repetitions of the ratio within each repetition (runs back to back)."""
     out = []
     for precision in args.precisions:
-        base = {r["rep"]: r for r in rows if ok(r, precision, "hand-written")}
-        for contender in CONTENDERS:
+        for contender in args.contenders:
+            base_name = BASE.get(contender, contender)
+            base = {r["rep"]: r for r in rows if ok(r, precision, base_name)}
             mine = [r for r in rows if ok(r, precision, contender)]
             if not mine:
                 out.append({"precision": precision, "contender": contender, "samples_per_s": None})
@@ -256,6 +305,8 @@ def summarize(rows: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict
                 {
                     "precision": precision,
                     "contender": contender,
+                    "ranks": mine[0]["ranks"],
+                    "vs": base_name,
                     "runs": len(mine),
                     "samples_per_s": statistics.median(r["samples_per_s"] for r in mine),
                     "samples_per_s_all": [round(r["samples_per_s"], 1) for r in mine],
@@ -325,24 +376,43 @@ def table(summary: List[Dict[str, Any]], args: argparse.Namespace, info: Dict[st
         f"ResNet-18 (width {args.width}), synthetic {args.image_size}x{args.image_size}, global batch "
         f"{args.batch}, SGD; {args.batches} batches of which {args.warmup} warm-up; "
         f"{args.reps} repetition(s); "
-        f"one process on {what} (torch {info.get('torch')}, CUDA {info.get('cuda')})",
+        f"on {what} (torch {info.get('torch')}, CUDA {info.get('cuda')})",
         "",
-        "| precision | contender | samples/s | vs hand-written | peak GPU MiB (training, allocated) | "
-        "peak RSS MiB | loss first → last | loss scale | skipped steps |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    if "harness" in args.contenders:
+        lines.append("- harness, hand-written: one process each (`python -m harness`, `amp_loop.py`)")
+    if "harness-torch" in args.contenders:
+        comm = "NCCL" if args.device == "cuda" else "Gloo"
+        lines.append(
+            f"- harness-torch, hand-written-ddp: `torchrun --nproc_per_node {args.nproc}` (the harness's "
+            f"torch backend; `amp_loop.py` on DDP), {comm}"
+            + (" between the ranks" if args.nproc > 1 else "; one rank: no process group, so no " + comm)
+            + "; samples/s of all ranks; vs hand-written: against hand-written-ddp"
+        )
+    lines += [
+        "",
+        "| precision | contender | samples/s | vs hand-written | ranks | peak GPU MiB (training, allocated) "
+        "| peak RSS MiB | loss first → last | loss scale | skipped steps |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in summary:
         if s["samples_per_s"] is None:
-            lines.append(f"| {s['precision']} | {s['contender']} | failed | | | | | | |")
+            lines.append(f"| {s['precision']} | {s['contender']} | failed | | | | | | | |")
             continue
         lines.append(
             f"| {s['precision']} | {s['contender']} | {fmt(s['samples_per_s'])} | "
-            f"{fmt(s['vs_hand_written'], '.3f')} | {fmt(s['peak_train_allocated_mib'])} | "
+            f"{fmt(s['vs_hand_written'], '.3f')} | {s['ranks']} | {fmt(s['peak_train_allocated_mib'])} | "
             f"{fmt(s['max_rss_mib'])} | "
             f"{s['loss_first']:.3f} → {s['loss_last']:.3f} | {fmt(s['loss_scale'], 'g')} | "
             f"{s['skipped_steps'] if s['precision'] == 'fp16' else '-'} |"
         )
     return "\n".join(lines)
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -353,6 +423,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not torch.cuda.is_available():
             print("amp_bench: no CUDA device (use --device cpu for the CPU check)", file=sys.stderr)
             return 2
+    if args.nproc is None:
+        args.nproc = 2 if args.device == "cpu" else max(1, torch_cuda_devices())
+    if "torch" in args.backends and args.batch % args.nproc:
+        print(
+            f"amp_bench: the global batch {args.batch} is not a multiple of --nproc {args.nproc}",
+            file=sys.stderr,
+        )
+        return 2
     os.makedirs(args.out, exist_ok=True)
     rows: List[Dict[str, Any]] = []
     problems: List[str] = []
@@ -362,7 +440,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             config_path = os.path.join(args.out, f"config-{precision}.yaml")
             with open(config_path, "w") as f:
                 yaml.safe_dump(experiment_config(args, precision), f, sort_keys=False)
-            order = CONTENDERS if (rep + i) % 2 == 0 else CONTENDERS[::-1]
+            # Each pair back to back, in alternating order: A B C D, then D C B A.
+            order = args.contenders if (rep + i) % 2 == 0 else args.contenders[::-1]
             for contender in order:
                 row = run_one(args, contender, precision, rep, config_path)
                 rows.append(row)
@@ -381,21 +460,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = summarize(rows, args)
     info = machine(rows)
     targets = []
-    if args.device == "cuda" and "fp16" in args.precisions:
-        s = next(s for s in summary if s["precision"] == "fp16" and s["contender"] == "harness")
+    for contender in [c for c in args.contenders if c in BASE]:
+        if args.device != "cuda" or "fp16" not in args.precisions:
+            break
+        s = next(s for s in summary if s["precision"] == "fp16" and s["contender"] == contender)
         ratio = s.get("vs_hand_written")
         passed = ratio is not None and ratio >= args.target
         targets.append(
             {
-                "target": f"harness fp16 samples/s >= {args.target} x hand-written Horovod + torch.amp",
+                "target": f"{LABELS[contender]} fp16 samples/s >= {args.target} x {LABELS[BASE[contender]]}",
                 "value": ratio,
                 "passed": passed,
             }
         )
         if not passed:
             problems.append(
-                f"harness fp16 samples/s is {fmt(ratio, '.3f')} of the hand-written loop's "
-                f"(target {args.target})"
+                f"{LABELS[contender]} fp16 samples/s is {fmt(ratio, '.3f')} of "
+                f"{LABELS[BASE[contender]]}'s (target {args.target})"
             )
     md = table(summary, args, info)
     md += "\n\nMachine: " + ", ".join(f"{k} {v}" for k, v in info.items() if v) + "\n"

@@ -1,4 +1,5 @@
-"""The hand-written Horovod + torch.amp loop that tests/gpu/amp_bench.py measures the harness against.
+"""The hand-written Horovod + torch.amp loop that tests/gpu/amp_bench.py measures the harness against, and
+the same loop on torchrun + DistributedDataParallel that it measures the harness's torch backend against.
 
 It trains what the harness trains (tests/gpu/amp_model: the same network, data, optimizer, loader settings,
 seed and batch order) from the same experiment config, with the canonical Horovod AMP step:
@@ -9,6 +10,10 @@ seed and batch order) from the same experiment config, with the canonical Horovo
 
 Horovod is used when a launcher started the process as one of several ranks (``horovodrun -np N``): then
 hvd.init(), a DistributedSampler per rank, hvd.DistributedOptimizer and a broadcast of rank 0's weights.
+Under torchrun with several ranks (``torchrun --nproc_per_node N``) it is DDP instead, the canonical AMP
+step on it (``scaler.scale(loss).backward()``, whose backward pass DDP's reducer allreduces, then
+``scaler.step``, ``scaler.update()``): NCCL on CUDA, Gloo on the CPU, one GPU per rank, and each rank's own
+BatchNorm statistics (``broadcast_buffers=False``), as the harness's torch backend keeps them.
 Started as one plain process (how amp_bench.py runs it: one GPU), it initialises no Horovod and wraps
 nothing, exactly as the harness does with one rank (its Local backend): at one rank Horovod's allreduce would
 only wait for its background thread's next cycle, so both contenders leave it out and the comparison
@@ -16,6 +21,7 @@ measures the training loops, not Horovod.
 
     python tests/gpu/amp_loop.py --config CONFIG.yaml          # one process (GPU if there is one)
     horovodrun -np 2 -H localhost:2 python tests/gpu/amp_loop.py --config CONFIG.yaml
+    torchrun --standalone --nproc_per_node 2 tests/gpu/amp_loop.py --config CONFIG.yaml   # DDP
 
 Precision comes from the config's ``optimizations.mixed_precision`` (O0 or none: fp32; O1/O2/fp16: fp16
 autocast with a GradScaler; bf16: bf16 autocast, no scaler), so both contenders read one file.
@@ -32,14 +38,17 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "amp_model"))
 import amp_common  # noqa: E402
 
 LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PRECISIONS = {None: "fp32", "O0": "fp32", "O1": "fp16", "O2": "fp16", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -64,7 +73,9 @@ def main(argv: Optional[list] = None) -> None:
     precision = precision_of(config)
 
     hvd: Any = None
+    ddp = False  # torchrun's ranks: torch.distributed and DDP
     rank, size, local_rank, local_size = 0, 1, 0, 1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if any(v in os.environ for v in LAUNCHER_VARS):
         import horovod.torch as hvd
 
@@ -72,8 +83,18 @@ def main(argv: Optional[list] = None) -> None:
         rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
         if size == 1:
             hvd = None  # one rank: nothing to allreduce (the harness does the same)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    elif all(v in os.environ for v in TORCHRUN_VARS) and int(os.environ["WORLD_SIZE"]) > 1:
+        # (one rank under torchrun: no process group, nothing to allreduce; the harness's torch backend too)
+        ddp = True
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    # The machine's cores split among the ranks, unless OMP_NUM_THREADS says (as the harness does).
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -89,8 +110,12 @@ def main(argv: Optional[list] = None) -> None:
     val_shard = Subset(val_set, range(rank, len(val_set), size))
     val_loader = DataLoader(val_shard, batch_size=int(data.get("validation_batch", 512)), **kw)
 
-    model = amp_common.build_model(hp).to(device)
+    model: Any = amp_common.build_model(hp).to(device)
     optimizer = amp_common.build_optimizer(model, hp)
+    if ddp:  # broadcasts rank 0's weights; the reducer allreduces the gradients in the backward pass
+        model = DistributedDataParallel(
+            model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False
+        )
     if hvd is not None:
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -147,6 +172,9 @@ def main(argv: Optional[list] = None) -> None:
                 mean = loss_sum / period
                 if hvd is not None:
                     mean = hvd.allreduce(mean.cpu(), op=hvd.Average, name="loss")
+                elif ddp:
+                    dist.all_reduce(mean)
+                    mean = mean / size
                 report = {"batches": batches, "loss": mean.item()}
                 if scaler is not None:
                     report.update(loss_scale=scaler.get_scale(), skipped_steps=period - steps["taken"])
@@ -171,6 +199,8 @@ def main(argv: Optional[list] = None) -> None:
             sums[2] += len(y)
     if hvd is not None:
         sums = hvd.allreduce(sums.cpu(), op=hvd.Sum, name="validation")
+    elif ddp:
+        dist.all_reduce(sums)
     metrics = {"validation_loss": (sums[0] / sums[2]).item(), "accuracy": (sums[1] / sums[2]).item()}
     amp_common.PROBE.extra["validation"] = metrics
     if rank == 0:
@@ -178,6 +208,9 @@ def main(argv: Optional[list] = None) -> None:
     amp_common.PROBE.write()
     if hvd is not None:
         hvd.shutdown()
+    if ddp:
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 # GPU smoke check (run by hand on a machine with NVIDIA GPUs; CI has none):
 #   1. the harness in one process on CUDA (samples/digits, no Horovod); the same with fp16 mixed precision
 #      (optimizations: {mixed_precision: O1}): the training loss must fall; then tests/gpu/amp_bench.py (the
-#      harness vs a hand-written Horovod + torch.amp loop, ResNet-18 in fp32/fp16/bf16: samples/s, peak GPU
-#      memory; its verdict is given at the end, so that the later steps run either way);
+#      harness vs a hand-written Horovod + torch.amp loop, and the harness's torch backend vs the loop on
+#      torchrun + DDP, ResNet-18 in fp32/fp16/bf16: samples/s, peak GPU memory; its verdict is given at the
+#      end, so that the later steps run either way); then samples/digits under torchrun, one rank per GPU
+#      (the harness's torch backend: DDP over NCCL between the ranks; one GPU: one rank, no process group;
+#      no Horovod needed);
 #   2. Horovod built with NCCL if the Python lacks it: scripts/build_horovod.sh, as `make setup` and the GPU
 #      image build it (the same patches; nvcc from PyPI, torch's NCCL; no system CUDA toolkit);
 #   3. one rank per GPU under horovodrun --gloo: NCCL allreduce/broadcast, then training batches of
@@ -75,7 +78,7 @@ grep -q "training on cuda:0 .*fp16 autocast with a loss scaler" "$OUT/amp.log"
 check_loss_falls "$OUT/amp"
 check_metrics "$OUT/amp" 0.95
 
-step "1c. mixed precision benchmark: harness vs hand-written Horovod + torch.amp (tests/gpu/amp_bench.py)"
+step "1c. mixed precision benchmark: harness vs hand-written loops, both backends (tests/gpu/amp_bench.py)"
 bench_rc=0
 if [ "${AMP_BENCH_ARGS:-}" = skip ]; then
   echo "skipped (AMP_BENCH_ARGS=skip)"
@@ -85,6 +88,24 @@ else
   echo "amp_bench: JSON in $OUT/amp_bench/amp_bench.json;" \
     "the table and machine for bench/RESULTS.md in $OUT/amp_bench/amp_bench.md"
 fi
+
+step "1d. harness under torchrun on CUDA (torch backend: DDP, NCCL), one rank per GPU ($NGPU)"
+cat > "$OUT/torch.yaml" <<YAML
+hyperparameters: {global_batch_size: 64, learning_rate: 0.003, width: 16}
+searcher: {metric: accuracy, smaller_is_better: false, max_length: {epochs: 8}}
+scheduling_unit: 10
+reproducibility: {experiment_seed: 42}
+data: {validation_records: 360}
+YAML
+HARNESS_BACKEND=torch "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m harness \
+  "$ROOT/samples/digits" --config "$OUT/torch.yaml" --output "$OUT/torch" --quiet --fresh \
+  | tee "$OUT/torch.log"
+if [ "$NGPU" -gt 1 ]; then
+  grep -qE "training on cuda:0 with $NGPU ranks \(gloo\)" "$OUT/torch.log"
+else
+  grep -q "training on cuda:0" "$OUT/torch.log"
+fi
+check_metrics "$OUT/torch" 0.95
 
 step "2. Horovod with NCCL"
 # The recipe of `make setup` and the GPU image: scripts/build_horovod.sh compiles Horovod with PyPI's nvcc
@@ -122,6 +143,7 @@ horovodrun --gloo -np "$NGPU" -H "localhost:$NGPU" "$PY" -m harness "$ROOT/sampl
   --config "$OUT/short.yaml" --output "$OUT/hvd" --quiet --fresh | tee "$OUT/hvd.log"
 grep -qE "training on cuda:0 with $NGPU ranks? \(gloo\)" "$OUT/hvd.log"
 check_metrics "$OUT/hvd" 0.95
+
 if [ "$bench_rc" -ne 0 ]; then
   echo "GPU smoke check FAILED at step 1c: amp_bench.py exited $bench_rc (see its PROBLEM lines above," \
     "$OUT/amp_bench/amp_bench.json)" >&2

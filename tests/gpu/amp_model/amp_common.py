@@ -170,7 +170,7 @@ def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
         return on, (torch.get_autocast_cpu_dtype() if on else None)
 
 
-_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK")  # RANK: torchrun
 
 
 class Probe:
