@@ -62,6 +62,11 @@ class PacedDigits(digits_model.DigitsTrial):
             pause = 0.0
         time.sleep(pause)
         return super().losses(predictions, labels)
+
+    def training_metrics(self, predictions, labels, losses):
+        # The mean label of each batch: a function of which records it holds, exact in binary at any split
+        # of the batch over ranks (k/64 = (k1 + k2)/64), so the data order can be compared bit for bit.
+        return {**super().training_metrics(predictions, labels, losses), "label_mean": labels.float().mean()}
 '''
 
 
@@ -82,6 +87,11 @@ def model_def(bed):
     with open(os.path.join(target, "experiment.yaml"), "w") as f:
         yaml.safe_dump(config, f)
     return target
+
+
+def reports(output, kind="training"):
+    with open(os.path.join(output, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
 
 
 def pace(model, seconds):
@@ -148,8 +158,35 @@ def test_lose_a_host_mid_epoch_then_add_it_back():
 
 
 def _lose_and_add_back(bed):
-    a, b = bed.hosts
     model, output = model_def(bed), os.path.join(bed.shared, "out")
+    # The same training uninterrupted, in one process (its own copy of the model: never paced), meanwhile.
+    alone = os.path.join(bed.shared, "alone")
+    shutil.copytree(model, alone + "-model")
+    with open(alone + ".log", "w") as log:
+        uninterrupted = subprocess.Popen(
+            [sys.executable, "-m", "harness", alone + "-model", "--output", alone], cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _elastic(bed, model, output)
+        assert uninterrupted.wait(timeout=120) == 0, open(alone + ".log").read()[-3000:]
+    finally:
+        uninterrupted.kill()
+        uninterrupted.wait()
+    # Every report window without an epoch's end (whose last batch holds the sampler's padding at 2 ranks)
+    # trained the same records as the uninterrupted run: the same mean label, bit for bit.
+    expected = {r["batches"]: r["metrics"]["label_mean"] for r in reports(alone)}
+    compared, before = 0, 0
+    for r in reports(output):
+        if not any(k % PER_EPOCH == 0 for k in range(before + 1, r["batches"] + 1)):
+            assert r["metrics"]["label_mean"] == expected[r["batches"]], r
+            compared += 1
+        before = r["batches"]
+    assert compared >= 30  # of 69 reports: 30 windows hold an epoch's end
+
+
+def _elastic(bed, model, output):
+    a, b = bed.hosts
     pace(model, 0.03)
     agents = Job(bed)
     launch = agents.start(a, "launch", [
@@ -239,3 +276,18 @@ def test_a_worker_of_the_same_job_waits_for_the_lock(tmp_path):
         os.environ.pop("TORCHELASTIC_RUN_ID", None)
         first.kill()
         first.wait()
+
+
+def test_a_report_spanning_a_restart_at_another_world_size_weighs_every_batch_once():
+    """The unreported window of a checkpoint written by 2 ranks (2 batches, each an entry per rank), resumed
+    by 1 rank, which trains a third batch: the report is the mean over the 3 batches."""
+    import torch
+
+    from harness.distributed.local import Local
+    from harness.train.state import TrainingMetrics
+
+    saved = [{"loss": torch.tensor(1.0 + 1.0 + 3.0 + 3.0, dtype=torch.float64)}, {"loss": 4.0}]
+    metrics = TrainingMetrics(torch.device("cpu"), "training")
+    metrics.load_state_dict(saved, Local(), 2, saved_ranks=2)
+    metrics.add(torch.tensor(5.0), None)
+    assert metrics.report(Local(), 3)["loss"] == pytest.approx((1.0 + 3.0 + 5.0) / 3)
