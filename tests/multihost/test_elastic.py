@@ -8,8 +8,8 @@ restart at world size 2 from that checkpoint. The metrics at the end are those o
 throughout: each report's records are the records of the batches before it, at the world size that trained
 them (the last batch of an epoch holds the sampler's padding at 2 ranks), every report once, in order.
 
-What the agents need beyond what harness launch gives them is in AGENT_ENV (see docs/outputs-and-long-runs.md,
-Elastic membership); the bed's hosts resolve each other's names (torchrun looks its own up).
+The bed's hosts resolve each other's names here (torchrun's agent looks its own name up; see
+docs/outputs-and-long-runs.md, Elastic membership).
 """
 
 import json
@@ -34,9 +34,6 @@ WHY_NOT = testbed.unavailable()
 bed_needed = pytest.mark.skipif(WHY_NOT is not None, reason=f"two-host test bed: {WHY_NOT}")
 
 AGENT_ENV = {
-    # torchrun 2.13 shares its rendezvous TCPStore with the ranks; an agent that joins a running job then
-    # waits for the bootstrap address that the first agent never writes again (both fail after 60 s).
-    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     "OMP_NUM_THREADS": "1",  # both hosts share this machine's cores
     "PYTHONUNBUFFERED": "1",
 }
