@@ -172,7 +172,11 @@ def plan(
             agent[3:3] = [f"--nnodes={len(machines)}", f"--node-rank={i}"]
             agent[3:3] = [f"--master-addr={first}", f"--master-port={port}"]
         else:
-            agent[3:3] = rdzv
+            # The agent's address as the others reach it (-H's name; torchrun would look its own hostname up,
+            # which need not resolve elsewhere), and which agent hosts the rendezvous store: said, not
+            # guessed from the hostname (socket.gaierror where it does not resolve).
+            own = socket.gethostname() if host == "localhost" or host.startswith("127.") else host
+            agent[3:3] = [*rdzv, f"--local-addr={own}", f"--rdzv-conf=is_host={int(i == 0)}"]
         plain.append(agent)
         agents.append(agent if is_this_machine(host) else remote(host, agent, env, ssh_port))
     command = [sys.executable, "-m", "harness.launch.agents"]
@@ -185,7 +189,7 @@ def plan(
     join = None
     if elastic is not None:
         base = _torchrun(per_node, harness, script)
-        base[3:3] = rdzv
+        base[3:3] = [*rdzv, "--rdzv-conf=is_host=0"]
         join = shell_line(base, env)
     return TorchPlan(command, shown, join, env)
 

@@ -263,6 +263,8 @@ def test_torch_elastic_command_and_the_join_line(monkeypatch):
     assert endpoint.startswith(f"--rdzv-endpoint={socket.gethostname()}:")  # reachable from elsewhere
     assert "--nnodes=1:3" in agent and "--rdzv-backend=c10d" in agent and "--max-restarts=3" in agent
     assert "--rdzv-id=job7" in agent
+    assert f"--local-addr={socket.gethostname()}" in agent and "--rdzv-conf=is_host=1" in agent
+    assert "--rdzv-conf=is_host=0" in plan.join and "--local-addr" not in plan.join  # the joiner's own
     assert plan.join is not None and endpoint in plan.join and "--nnodes=1:3" in plan.join
     # The rendezvous store of its own: with the shared one a machine's join hung both agents (torch 2.13).
     assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
