@@ -9,7 +9,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 BIN = os.path.dirname(sys.executable)
 HARNESS = os.path.join(BIN, "harness")
-_LAUNCHER_VARS = ("HOROVOD_", "OMPI_", "PMI", "HARNESS_TRACEBACK")  # and the user's own switch
+# and the user's own switch; torchrun's (a test run under torchrun itself)
+_LAUNCHER_VARS = ("HOROVOD_", "OMPI_", "PMI", "HARNESS_TRACEBACK", "HARNESS_BACKEND", "TORCHELASTIC_")
 
 
 def environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -21,13 +22,21 @@ def environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 def under(launcher: str, np: int, argv: Sequence[str], forward: Iterable[str] = ()) -> List[str]:
     """`argv` (a harness command) started by `launcher`: `local` (as it is), `mpirun`, `gloo` or `mpi`
-    (horovodrun), or `launch-<gloo|mpi|mpirun|horovodrun>` (`harness launch` with that launcher; `argv` is
-    then a training command). `forward`: variables mpirun must pass on (horovodrun passes all)."""
+    (horovodrun), `torchrun` (`torchrun --standalone`: the torch.distributed backend), or
+    `launch-<gloo|mpi|mpirun|horovodrun>` (`harness launch` with that launcher; `argv` is then a training
+    command). `forward`: variables mpirun must pass on (horovodrun and torchrun pass all)."""
     argv = [str(a) for a in argv]
     if launcher.startswith("launch-"):
         return [HARNESS, "launch", "-np", str(np), "--launcher", launcher[len("launch-") :], *argv[1:]]
     if launcher == "local":
         return argv
+    if launcher == "torchrun":  # `-m harness ARGS` as the docs say; a Python script as `torchrun train.py`
+        torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", str(np)]
+        if argv[0] == HARNESS:
+            return [*torchrun, "-m", "harness", *argv[1:]]
+        if argv[0] == sys.executable or os.path.basename(argv[0]).startswith("python"):
+            return [*torchrun, *argv[1:]]
+        return [*torchrun, "--no-python", *argv]
     if launcher == "mpirun":
         passed = [arg for name in ("PATH", *forward) for arg in ("-x", name)]
         return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np), *passed, *argv]

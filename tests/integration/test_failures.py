@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
     shutil.which("horovodrun", path=BIN) is None, reason="Horovod is not installed (run `make setup`)"
 )
 
-RANK = 'os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))'
+# This rank under horovodrun, mpirun or torchrun.
+RANK = 'os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0")))'
 
 # Set-up (data, model) takes ~6.5 s of watchdog time per rank with two ranks on two cores, and counts against
 # setup_timeout (a stall in make_data_loaders is tested too): 4 would end a healthy job in "set-up". 10

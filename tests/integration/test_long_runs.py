@@ -29,7 +29,8 @@ RESUME_MODEL = (
 
     def losses(self, predictions, labels):
         import os, signal, time
-        rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+        env = os.environ  # this rank under horovodrun, mpirun or torchrun
+        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("RANK", "0")))
         marker = os.environ.get("MARKER", "")
         self.calls += predictions.requires_grad  # training batches of this process
         if predictions.requires_grad and rank == os.environ.get("FAIL_RANK", "1"):
