@@ -47,6 +47,7 @@ _inside = threading.local()  # set while DDP's forward calls back into the modul
 # message names Gloo's transport, e.g. "[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6359:
 # Connection reset by peer. This is typically caused by ...".
 _GLOO_TRANSPORT = re.compile(r"gloo[/\\]transport[/\\]")
+_NCCL_PEER = re.compile(r"remote process exited or there was a network error|communicator was aborted")
 _REASONS = [re.compile(r) for r in (r"Connection \w+ by peer", r"Timed out[^.]*", r"Read error|Write error")]
 
 
@@ -61,7 +62,8 @@ def peer_failure(e: BaseException) -> Optional[PeerFailure]:
     collective: DDP's gradient allreduce or one of the harness's), else None. That rank, or the launcher,
     reports the cause; this rank's error is a consequence (cli.py: said only if no one stops this rank)."""
     text = str(e)
-    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError)) or _GLOO_TRANSPORT.search(text)):
+    # (A DistBackendError alone is not enough: a mismatched collective of the trial's own is one too.)
+    if not (isinstance(e, dist.DistNetworkError) or _GLOO_TRANSPORT.search(text) or _NCCL_PEER.search(text)):
         return None
     reason = next((found.group(0) for r in _REASONS for found in [r.search(text)] if found), None)
     said = reason or (text.splitlines()[0][:200] if text else type(e).__name__)

@@ -144,6 +144,10 @@ def test_a_broken_gloo_connection_is_another_ranks_failure():
         "another rank is gone: a collective lost its connection to it (Connection reset by peer)"
     )
     assert torch_ddp.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    # A backend error of the trial's own making is not another rank's failure; NCCL's word for one is.
+    assert torch_ddp.peer_failure(dist.DistBackendError("Tensors must be contiguous")) is None
+    nccl = "NCCL error: remote process exited or there was a network error, NCCL version 2.21.5"
+    assert isinstance(torch_ddp.peer_failure(dist.DistBackendError(nccl)), PeerFailure)
 
     @distributed.peer_failures
     def training():
