@@ -190,10 +190,11 @@ def _announce(
     extra = options.describe()
     total = schedule.total
     device, ranks = run.parts.device, backend.size
-    if ranks == 1 and backend.controller == "none":
-        where = f"{device}, one process (no launcher)"
+    if ranks == 1 and backend.controller == "none":  # torchrun's one rank needs no process group either
+        where = f"{device}, one process " + ("(torchrun, 1 rank)" if under_launcher() else "(no launcher)")
     else:
         where = f"{device} with {ranks} rank{'s' if ranks > 1 else ''} ({backend.controller})"
+        where += " under torch.distributed" if backend.name == "torch" else ""
     reporter.log(
         f"training on {where}, global batch {run.global_batch}, {total} batches "
         f"({progress.batches_per_epoch} per epoch), trial API {run.parts.adapter.api}"
