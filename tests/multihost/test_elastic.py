@@ -193,7 +193,7 @@ def _elastic(bed, model, output):
     ])  # fmt: skip
     _, found = agents.until(r"harness launch: to add a machine, run there: (.+)$")
     join = found.group(1)
-    agents.until(r"training on cpu with 2 ranks \(gloo\), global batch 64")
+    agents.until(r"training on cpu with 2 ranks \(gloo\) under torch.distributed, global batch 64")
     agents.until(r"\[training  \] batch     60 ")  # mid-epoch 3 (batch 14 of 23), after checkpoint 50
 
     lost = time.monotonic()
