@@ -49,10 +49,10 @@ pids=()
 for ((r = 0; r < np; r++)); do HOROVOD_RANK=$r "$@" & pids+=($!); done
 status=0
 for p in "${pids[@]}"; do
-  while :; do
-    if wait "$p"; then s=0; else s=$?; fi
-    kill -0 "$p" 2>/dev/null || break
-  done
+  # A trap interrupts wait (status 128+N) even when the rank exits at that moment: wait until it is
+  # gone, then once more for its own status (bash keeps it).
+  while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
+  if wait "$p"; then s=0; else s=$?; fi
   [ "$s" -le "$status" ] || status=$s
 done
 exit "$status"
@@ -312,10 +312,10 @@ trap 'echo "mpirun got USR1" >> "$CALLS"; kill -USR1 "${pids[@]}"' USR1
 trap 'echo "mpirun got TERM" >> "$CALLS"; kill -KILL "${pids[@]}"; exit 1' TERM
 status=0
 for p in "${pids[@]}"; do
-  while :; do
-    if wait "$p"; then s=0; else s=$?; fi
-    kill -0 "$p" 2>/dev/null || break
-  done
+  # A trap interrupts wait (status 128+N) even when the rank exits at that moment: wait until it is
+  # gone, then once more for its own status (bash keeps it).
+  while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
+  if wait "$p"; then s=0; else s=$?; fi
   [ "$s" -le "$status" ] || status=$s
 done
 exit "$status"
