@@ -136,6 +136,16 @@ def _is_collective_failure(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "Horovod has been shut down" in str(e)
 
 
+def _as_peer_failure(e: BaseException) -> BaseException:
+    """A torch.distributed collective that lost another rank (in any command of the ranks: training is
+    decorated already, `evaluate` and `export` are not) as that PeerFailure, else `e` itself."""
+    if isinstance(e, PeerFailure) or "torch.distributed" not in sys.modules:
+        return e
+    from harness.distributed import peer_failure
+
+    return peer_failure(e) or e
+
+
 SUBCOMMANDS = ("launch", "search", "plot", "summary", "evaluate", "export")
 
 
@@ -195,17 +205,18 @@ def _guarded(command: Callable[[], int], model_dir: Optional[str], output: Optio
     except SystemExit as e:  # the user's code left this rank alone: the others would wait for it
         message, code = _left_early(e, model_dir)
         _fail(message, code, consequential=False, output=output)
-    except Exception as e:  # noqa: BLE001 - the user's code may raise anything; report it in one line
+    except Exception as caught:  # noqa: BLE001 - the user's code may raise anything; report it in one line
+        err = _as_peer_failure(caught)
         if show_tb:
             traceback.print_exc()
-        full = no_space(e, output) if isinstance(e, OSError) else None
+        full = no_space(err, output) if isinstance(err, OSError) else None
         if full is not None:  # a full disk is not emptied by a restart: status 2, one line naming the path
             _fail(str(full), full.exit_code, consequential=False, output=output)
         from harness.definition import user_frame
 
-        where = user_frame(e.__traceback__, os.path.abspath(model_dir)) if model_dir else None
-        message = describe(e) + (f" (at {where})" if where else "")
-        _fail(message, 1, _is_collective_failure(e), output=output)
+        where = user_frame(caught.__traceback__, os.path.abspath(model_dir)) if model_dir else None
+        message = describe(err) + (f" (at {where})" if where else "")
+        _fail(message, 1, _is_collective_failure(err), output=output)
     return 1
 
 

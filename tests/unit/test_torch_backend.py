@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import distributed
+from harness import cli, distributed
 from harness.config.optimizations import TrainingOptions
 from harness.distributed import torch_ddp, watchdog
 from harness.errors import HarnessError, PeerFailure
@@ -155,6 +155,37 @@ def test_a_broken_gloo_connection_is_another_ranks_failure():
 
     with pytest.raises(PeerFailure):
         training()
+
+
+def test_any_command_of_the_ranks_reports_a_lost_peer_as_a_consequence(monkeypatch):
+    """`harness evaluate` and `export` are not decorated like training: the CLI turns the same Gloo error
+    into the PeerFailure line, said only if the launcher does not stop this rank first."""
+    gloo = "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6359: Connection reset by peer."
+    failed = []
+    monkeypatch.setattr(
+        cli,
+        "_fail",
+        lambda message, code, consequential, output=None: failed.append((message, code, consequential)),
+    )
+
+    def evaluating():
+        raise RuntimeError(gloo)
+
+    assert cli._guarded(evaluating, None, None) == 1
+    assert failed == [
+        (
+            "PeerFailure: another rank is gone: a collective lost its connection to it (Connection reset by peer)",
+            1,
+            True,
+        )
+    ]
+    failed.clear()
+
+    def mistake():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    cli._guarded(mistake, None, None)
+    assert failed == [("RuntimeError: mat1 and mat2 shapes cannot be multiplied", 1, False)]
 
 
 class Spare(torch.nn.Module):
