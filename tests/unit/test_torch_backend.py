@@ -174,7 +174,8 @@ def test_any_command_of_the_ranks_reports_a_lost_peer_as_a_consequence(monkeypat
     assert cli._guarded(evaluating, None, None) == 1
     assert failed == [
         (
-            "PeerFailure: another rank is gone: a collective lost its connection to it (Connection reset by peer)",
+            "PeerFailure: another rank is gone: a collective lost its connection to it "
+            "(Connection reset by peer)",
             1,
             True,
         )
