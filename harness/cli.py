@@ -141,6 +141,10 @@ def _as_peer_failure(e: BaseException) -> BaseException:
     decorated already, `evaluate` and `export` are not) as that PeerFailure, else `e` itself."""
     if isinstance(e, PeerFailure) or "torch.distributed" not in sys.modules:
         return e
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # set-up's rendezvous failing is this rank's own error, said as it is
+        return e
     from harness.distributed import peer_failure
 
     return peer_failure(e) or e

@@ -157,7 +157,7 @@ def test_a_broken_gloo_connection_is_another_ranks_failure():
         training()
 
 
-def test_any_command_of_the_ranks_reports_a_lost_peer_as_a_consequence(monkeypatch):
+def test_any_command_of_the_ranks_reports_a_lost_peer_as_a_consequence(world_of_one, monkeypatch):
     """`harness evaluate` and `export` are not decorated like training: the CLI turns the same Gloo error
     into the PeerFailure line, said only if the launcher does not stop this rank first."""
     gloo = "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6359: Connection reset by peer."
@@ -187,6 +187,11 @@ def test_any_command_of_the_ranks_reports_a_lost_peer_as_a_consequence(monkeypat
 
     cli._guarded(mistake, None, None)
     assert failed == [("RuntimeError: mat1 and mat2 shapes cannot be multiplied", 1, False)]
+    failed.clear()
+    # Before the process group exists (set-up's rendezvous), a broken connection is this rank's own error.
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    cli._guarded(evaluating, None, None)
+    assert failed == [(f"RuntimeError: {gloo}", 1, False)]
 
 
 class Spare(torch.nn.Module):
