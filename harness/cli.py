@@ -137,8 +137,9 @@ def _is_collective_failure(e: BaseException) -> bool:
 
 
 def _as_peer_failure(e: BaseException) -> BaseException:
-    """A torch.distributed collective that lost another rank (in any command of the ranks: training is
-    decorated already, `evaluate` and `export` are not) as that PeerFailure, else `e` itself."""
+    """A torch.distributed collective that lost another rank, in any command of the ranks (training,
+    `evaluate`, `export`, a Trainer script), as that PeerFailure: a consequence, which the launcher and the
+    failed rank report, as Horovod's HorovodInternalError. Else `e` itself."""
     if isinstance(e, PeerFailure) or "torch.distributed" not in sys.modules:
         return e
     import torch.distributed as dist

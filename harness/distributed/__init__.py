@@ -8,9 +8,8 @@ implements `Backend` (backend.py).
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any, Callable, Optional, TypeVar
+from typing import Optional
 
 import torch
 
@@ -29,7 +28,7 @@ __all__ = [
     "chosen_backend",
     "env_rank",
     "init",
-    "peer_failures",
+    "peer_failure",
     "run_on_chief",
     "set_threads",
     "under_launcher",
@@ -82,27 +81,6 @@ def init() -> Backend:
             "`harness launch --backend torch`, or torchrun --nproc-per-node N -m harness DIR"
         ) from None
     return backend if backend.size > 1 else Local(backend.controller, backend.hvd)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def peer_failures(fn: F) -> F:
-    """`fn`, with torch.distributed's errors that say another rank is gone (a Gloo connection reset inside
-    a collective: a peer died) raised as `PeerFailure`: a consequence, which the CLI leaves to the launcher
-    and the failed rank to report, as Horovod's HorovodInternalError."""
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RuntimeError as e:
-            failure = peer_failure(e)
-            if failure is None:
-                raise
-            raise failure from e
-
-    return wrapped  # type: ignore[return-value]
 
 
 def torch_threads() -> int:

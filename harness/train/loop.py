@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 from harness.config import ExperimentConfig, optimizations
 from harness.config.yaml12 import dump_yaml
 from harness.definition import ModelDefinition
-from harness.distributed import peer_failures, under_launcher, watchdog
+from harness.distributed import under_launcher, watchdog
 from harness.distributed.backend import Backend
 from harness.distributed.preemption import StopSignals, StopVotes
 from harness.errors import Interrupted, say
@@ -29,7 +29,6 @@ from harness.train.state import DataOrder, Progress, RunState, TrainingMetrics, 
 SEARCHER, SIGNAL = "searcher", "signal"  # why a run stops before its end
 
 
-@peer_failures  # the torch backend's broken collectives, as Horovod's: another rank's failure
 def train(
     model_def: ModelDefinition,
     config: ExperimentConfig,
