@@ -31,8 +31,22 @@ fi
 exit "${HARNESS_EXIT:-0}"
 """
 
+# The launcher stand-ins' end: wait for every rank and exit with the worst status.
+WAIT_FOR_RANKS = """\
+status=0
+for p in "${pids[@]}"; do
+  # A trap interrupts wait (status 128+N) even when the rank exits at that moment: wait until it is
+  # gone, then once more for its own status (bash keeps it).
+  while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
+  if wait "$p"; then s=0; else s=$?; fi
+  [ "$s" -le "$status" ] || status=$s
+done
+exit "$status"
+"""
+
 # A launcher like horovodrun: runs -np copies of the command with HOROVOD_RANK set, exits with the worst.
-HOROVODRUN = """\
+HOROVODRUN = (
+    """\
 #!/usr/bin/env bash
 echo "horovodrun $*" >> "$CALLS"
 trap 'echo "launcher got TERM" >> "$CALLS"' TERM
@@ -47,16 +61,9 @@ while [ $# -gt 0 ]; do
 done
 pids=()
 for ((r = 0; r < np; r++)); do HOROVOD_RANK=$r "$@" & pids+=($!); done
-status=0
-for p in "${pids[@]}"; do
-  # A trap interrupts wait (status 128+N) even when the rank exits at that moment: wait until it is
-  # gone, then once more for its own status (bash keeps it).
-  while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
-  if wait "$p"; then s=0; else s=$?; fi
-  [ "$s" -le "$status" ] || status=$s
-done
-exit "$status"
 """
+    + WAIT_FOR_RANKS
+)
 
 NVIDIA_SMI = """\
 #!/usr/bin/env bash
@@ -295,7 +302,8 @@ def test_sigterm_under_torchrun_goes_to_the_ranks(env):
 
 # A launcher like mpirun: -np copies of the command with OMPI_COMM_WORLD_RANK; SIGUSR1 is passed on to the
 # ranks (Open MPI's mpirun does so), SIGTERM kills them (mpirun's own stop).
-MPIRUN = """\
+MPIRUN = (
+    """\
 #!/usr/bin/env bash
 echo "mpirun $*" >> "$CALLS"
 np=1
@@ -310,16 +318,9 @@ pids=()
 for ((r = 0; r < np; r++)); do OMPI_COMM_WORLD_RANK=$r "$@" & pids+=($!); done
 trap 'echo "mpirun got USR1" >> "$CALLS"; kill -USR1 "${pids[@]}"' USR1
 trap 'echo "mpirun got TERM" >> "$CALLS"; kill -KILL "${pids[@]}"; exit 1' TERM
-status=0
-for p in "${pids[@]}"; do
-  # A trap interrupts wait (status 128+N) even when the rank exits at that moment: wait until it is
-  # gone, then once more for its own status (bash keeps it).
-  while kill -0 "$p" 2>/dev/null; do wait "$p" || true; done
-  if wait "$p"; then s=0; else s=$?; fi
-  [ "$s" -le "$status" ] || status=$s
-done
-exit "$status"
 """
+    + WAIT_FOR_RANKS
+)
 
 # A rank: on SIGUSR1 (unless IGNORE_USR1) it says the harness's stop line, as rank 0 does, and exits 0.
 RANK = """\
