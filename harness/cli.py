@@ -229,10 +229,10 @@ def console() -> None:
     """The `harness` command: `main`, then an exit that skips the interpreter's teardown.
 
     Once the results are written, tearing down torch, NumPy and the model definition's modules took 1.3 s
-    of CPU in one process (more with several ranks on a busy machine); after Horovod's shutdown it is also
-    where a rank sometimes crashed under Open MPI (status 139 after training had ended). What a normal
-    exit does that matters still happens: other threads are joined, atexit handlers run (the user's too:
-    a logger's final flush), the streams are flushed.
+    of CPU in one process (more with several ranks on a busy machine). (A rank's crash after training under
+    Open MPI, status 139, was not this teardown but MPI finalized under a late broadcast: Horovod.shutdown.)
+    What a normal exit does that matters still happens: other threads are joined, atexit handlers run (the
+    user's too: a logger's final flush), the streams are flushed.
     """
     code = main()
     import atexit

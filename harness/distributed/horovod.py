@@ -97,4 +97,11 @@ class Horovod:
         return stops > 0, max(1, intervals // self.size)
 
     def shutdown(self) -> None:
+        # Under the MPI controller one rank's hvd.shutdown() reaches every rank's background thread, which
+        # then finalizes MPI at once. A rank whose main thread was still inside an mpi4py collective (the
+        # last broadcast: its root returns early) crashed there, status 139 after the run had ended (1 run
+        # in 8 on a 2-core machine). A barrier through Horovod first: once it completes, every rank's main
+        # thread has left MPI, and it waits on a handle, not in MPI, while the barrier runs.
+        if self._comm is not None:
+            self.hvd.barrier()
         self.hvd.shutdown()

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import runner
@@ -85,6 +86,34 @@ def test_pedl_definition_under_mpirun(tmp_path):
     proc, _ = launch("mpirun", 2, os.path.join(SAMPLES, "pedl_compat"), tmp_path / "out")
     assert_ok(proc)
     assert reports(tmp_path / "out", "validation")[-1]["metrics"]["error"] < 0.5
+
+
+# The end of a job under the MPI controller: rank 1 reaches the last broadcast (mpi4py, outside Horovod)
+# after rank 0, the broadcast's root, has left it and shut Horovod down. Every rank's background thread
+# finalizes MPI on the first rank's shutdown, so without a barrier first rank 1's broadcast ran on a
+# finalized MPI (signal 11 at the end of 1 run in 8 when it was a race; an abort every time here).
+LATE_LAST_BROADCAST = """
+import time
+from harness.distributed.horovod import Horovod
+
+backend = Horovod()
+assert backend.controller == "mpi", backend.controller
+if backend.rank == 1:
+    time.sleep(1.0)
+said = backend.broadcast_object("from rank 0" if backend.rank == 0 else None)
+backend.shutdown()
+print(f"rank {backend.rank} got {said!r} and shut down", flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["mpi", "mpirun"])
+def test_a_rank_late_to_the_last_broadcast_still_ends_cleanly(launcher, tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text(LATE_LAST_BROADCAST)
+    proc = runner.run(runner.under(launcher, 2, [sys.executable, str(script)]), timeout=120)
+    assert_ok(proc)
+    for rank in (0, 1):
+        assert f"rank {rank} got 'from rank 0' and shut down" in proc.stdout, proc.stdout
 
 
 def test_np1_and_np2_agree(model_dir, tmp_path):
