@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, TypeVar
 
 import torch
@@ -100,8 +101,26 @@ class Horovod:
         # Under the MPI controller one rank's hvd.shutdown() reaches every rank's background thread, which
         # then finalizes MPI at once. A rank whose main thread was still inside an mpi4py collective (the
         # last broadcast: its root returns early) crashed there, status 139 after the run had ended (1 run
-        # in 8 on a 2-core machine). A barrier through Horovod first: once it completes, every rank's main
-        # thread has left MPI, and it waits on a handle, not in MPI, while the barrier runs.
+        # in 8 on a 2-core machine). So the ranks first meet in a collective of Horovod's own.
         if self._comm is not None:
-            self.hvd.barrier()
+            self._meet_peers(self.PEERS_WAIT)
         self.hvd.shutdown()
+
+    PEERS_WAIT = 60.0  # seconds; the ranks arrive together after the run's last broadcast
+
+    def _meet_peers(self, seconds: float) -> None:
+        """A barrier through Horovod's thread: once it completes every rank's main thread has left MPI, and
+        this one waits on a handle, not inside MPI. Bounded: a rank that never comes (the user's code
+        called sys.exit() on one rank of a Trainer script) must not hang this one; nor does it hang when a
+        peer has already shut Horovod down."""
+        hvd = self.hvd
+        try:
+            handle = hvd.allreduce_async(torch.zeros(1), op=hvd.Sum, name="harness.shutdown")
+            deadline = time.monotonic() + seconds
+            while not hvd.poll(handle):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.002)
+            hvd.synchronize(handle)
+        except (RuntimeError, ValueError):  # Horovod already shut down by a peer: nobody left to meet
+            return

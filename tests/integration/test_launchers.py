@@ -116,6 +116,33 @@ def test_a_rank_late_to_the_last_broadcast_still_ends_cleanly(launcher, tmp_path
         assert f"rank {rank} got 'from rank 0' and shut down" in proc.stdout, proc.stdout
 
 
+# The other side of that meeting: rank 1 never comes to it (a Trainer script's sys.exit() on one rank), and
+# leaves later without shutting Horovod down. Rank 0 waits PEERS_WAIT seconds, not forever, then ends.
+NEVER_AT_THE_END = """
+import os
+import time
+from harness.distributed.horovod import Horovod
+
+Horovod.PEERS_WAIT = 3.0
+backend = Horovod()
+if backend.rank == 1:
+    time.sleep(15.0)
+    print("rank 1 leaves", flush=True)
+    os._exit(0)
+backend.shutdown()
+print("rank 0 shut down", flush=True)
+"""
+
+
+def test_a_rank_that_never_comes_to_the_end_does_not_hold_the_others(tmp_path):
+    script = tmp_path / "never.py"
+    script.write_text(NEVER_AT_THE_END)
+    proc = runner.run(runner.under("mpi", 2, [sys.executable, str(script)]), timeout=120)
+    assert_ok(proc)
+    lines = [line.split(":", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[1,")]
+    assert lines == ["rank 0 shut down", "rank 1 leaves"], proc.stdout
+
+
 def test_np1_and_np2_agree(model_dir, tmp_path):
     """Same deterministic model, same global batch: the same optimisation and the same validation numbers."""
     write_model_def(model_dir)
