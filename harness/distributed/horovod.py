@@ -21,6 +21,9 @@ class Horovod:
     """Horovod's collectives; the MPI controller's barrier-like exchanges go through mpi4py."""
 
     name = "horovod"
+    PEERS_WAIT = (
+        60.0  # seconds `shutdown` waits for the other ranks; they arrive together after the last broadcast
+    )
 
     def __init__(self) -> None:
         import horovod.torch as hvd
@@ -100,13 +103,11 @@ class Horovod:
     def shutdown(self) -> None:
         # Under the MPI controller one rank's hvd.shutdown() reaches every rank's background thread, which
         # then finalizes MPI at once. A rank whose main thread was still inside an mpi4py collective (the
-        # last broadcast: its root returns early) crashed there, status 139 after the run had ended (1 run
-        # in 8 on a 2-core machine). So the ranks first meet in a collective of Horovod's own.
+        # last broadcast: its root returns early) crashed there, status 139 after the run had ended (3 runs
+        # in 28 on a 2-core machine). So the ranks first meet in a collective of Horovod's own.
         if self._comm is not None:
             self._meet_peers(self.PEERS_WAIT)
         self.hvd.shutdown()
-
-    PEERS_WAIT = 60.0  # seconds; the ranks arrive together after the run's last broadcast
 
     def _meet_peers(self, seconds: float) -> None:
         """A barrier through Horovod's thread: once it completes every rank's main thread has left MPI, and

@@ -91,7 +91,7 @@ def test_pedl_definition_under_mpirun(tmp_path):
 # The end of a job under the MPI controller: rank 1 reaches the last broadcast (mpi4py, outside Horovod)
 # after rank 0, the broadcast's root, has left it and shut Horovod down. Every rank's background thread
 # finalizes MPI on the first rank's shutdown, so without a barrier first rank 1's broadcast ran on a
-# finalized MPI (signal 11 at the end of 1 run in 8 when it was a race; an abort every time here).
+# finalized MPI (signal 11 at the end of 3 runs in 28 when it was a race; an abort every time here).
 LATE_LAST_BROADCAST = """
 import time
 from harness.distributed.horovod import Horovod
