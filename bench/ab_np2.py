@@ -1,14 +1,16 @@
 """Interleaved A/B of per-step times at two ranks under torchrun: hand-written DDP against the harness on its
 torch backend, and against patched copies of the harness.
 
-Each repetition runs every contender once (the order reversed every other repetition) and reads rank 0's
-step times from the probe of ``workloads/common.py``; it prints the 5th, 25th and 50th percentile step per
+Each repetition runs every contender once (the order rotated by one each repetition: over n repetitions of
+n contenders each runs first, in the middle and last equally often) and reads rank 0's step times from
+the probe of ``workloads/common.py``; it prints the 5th, 25th and 50th percentile step per
 run and the median of each over the repetitions. Low percentiles move less than the mean with other
 processes on the machine (they only add time), so they are what to compare on a shared 2-core VM; bench/
 findings.md §9 says how far they still move there.
 
     .venv/bin/python bench/ab_np2.py --batches 5000 --reps 4
     .venv/bin/python bench/ab_np2.py --contender patched=/tmp/copy   # /tmp/copy/harness: a patched copy
+    .venv/bin/python bench/ab_np2.py --ddp-variant 'noinit={"init_sync": false, "broadcast_buffers": false}'
 """
 
 import argparse
@@ -25,7 +27,8 @@ ROOT = os.path.dirname(HERE)
 
 
 def run(kind: str, src: str, workload: str, batches: int, out: str) -> Tuple[float, float, float]:
-    """One torchrun job of `kind` ("ddp" or a harness under PYTHONPATH `src`): rank 0's (p5, p25, p50) ms."""
+    """One torchrun job of `kind` ("ddp", with DDP's keywords `src` as JSON, or a harness under PYTHONPATH
+    `src`): rank 0's (p5, p25, p50) ms."""
     os.makedirs(out, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, BENCH_OUT=os.path.join(out, "probe"), BENCH_WARMUP="300", BENCH_STEP_TIMES="1")
@@ -33,6 +36,7 @@ def run(kind: str, src: str, workload: str, batches: int, out: str) -> Tuple[flo
     env["PATH"] = bin_dir + os.pathsep + env["PATH"]
     cmd = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2"]
     if kind == "ddp":
+        env["BENCH_DDP_KWARGS"] = src or "{}"
         cmd += [os.path.join(HERE, "ddp_loop.py"), "--workload", workload, "--batches", str(batches)]
     else:
         config = os.path.join(out, "experiment.yaml")
@@ -63,18 +67,31 @@ def main() -> None:
         metavar="NAME=DIR",
         help="a harness copy to add (DIR holds its harness/ package); repeatable",
     )
+    p.add_argument(
+        "--ddp-variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="ddp_loop.py with these DistributedDataParallel keywords (JSON); repeatable",
+    )
     args = p.parse_args()
     contenders: Dict[str, str] = {"ddp": "", "torch": ROOT}
+    kinds: Dict[str, str] = {"ddp": "ddp", "torch": "harness"}
     for c in args.contender:
         name, _, src = c.partition("=")
-        contenders[name] = os.path.abspath(src)
+        contenders[name], kinds[name] = os.path.abspath(src), "harness"
+    for c in args.ddp_variant:
+        name, _, kwargs = c.partition("=")
+        json.loads(kwargs)  # a typo fails here, not in two ranks
+        contenders[name], kinds[name] = kwargs, "ddp"
     work = tempfile.mkdtemp(prefix="ab-np2-")
     runs: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in contenders}
     for i in range(args.reps):
-        order = list(contenders) if i % 2 == 0 else list(reversed(contenders))
+        names = list(contenders)
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            kind = "ddp" if name == "ddp" else "harness"
-            q = run(kind, contenders[name], args.workload, args.batches, os.path.join(work, f"{name}-{i}"))
+            out = os.path.join(work, f"{name}-{i}")
+            q = run(kinds[name], contenders[name], args.workload, args.batches, out)
             runs[name].append(q)
             print(f"rep {i} {name:10s} p5 {q[0]:.3f} p25 {q[1]:.3f} p50 {q[2]:.3f} ms", flush=True)
     for name, qs in runs.items():
