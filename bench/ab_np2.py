@@ -36,7 +36,7 @@ def run(kind: str, src: str, workload: str, batches: int, out: str) -> Tuple[flo
     env["PATH"] = bin_dir + os.pathsep + env["PATH"]
     cmd = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2"]
     if kind == "ddp":
-        env["BENCH_DDP_KWARGS"] = src or "{}"
+        env["BENCH_DDP_KWARGS"] = src
         cmd += [os.path.join(HERE, "ddp_loop.py"), "--workload", workload, "--batches", str(batches)]
     else:
         config = os.path.join(out, "experiment.yaml")
@@ -75,23 +75,25 @@ def main() -> None:
         help="ddp_loop.py with these DistributedDataParallel keywords (JSON); repeatable",
     )
     args = p.parse_args()
-    contenders: Dict[str, str] = {"ddp": "", "torch": ROOT}
-    kinds: Dict[str, str] = {"ddp": "ddp", "torch": "harness"}
+    contenders: Dict[str, Tuple[str, str]] = {"ddp": ("ddp", "{}"), "torch": ("harness", ROOT)}  # (kind, src)
     for c in args.contender:
         name, _, src = c.partition("=")
-        contenders[name], kinds[name] = os.path.abspath(src), "harness"
+        contenders[name] = ("harness", os.path.abspath(src))
     for c in args.ddp_variant:
         name, _, kwargs = c.partition("=")
-        json.loads(kwargs)  # a typo fails here, not in two ranks
-        contenders[name], kinds[name] = kwargs, "ddp"
+        try:  # a typo fails here, in one line, not in two ranks
+            json.loads(kwargs)
+        except ValueError as e:
+            p.error(f"--ddp-variant {name}: not JSON ({e})")
+        contenders[name] = ("ddp", kwargs)
     work = tempfile.mkdtemp(prefix="ab-np2-")
     runs: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in contenders}
+    names = list(contenders)
     for i in range(args.reps):
-        names = list(contenders)
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            out = os.path.join(work, f"{name}-{i}")
-            q = run(kinds[name], contenders[name], args.workload, args.batches, out)
+            kind, src = contenders[name]
+            q = run(kind, src, args.workload, args.batches, os.path.join(work, f"{name}-{i}"))
             runs[name].append(q)
             print(f"rep {i} {name:10s} p5 {q[0]:.3f} p25 {q[1]:.3f} p50 {q[2]:.3f} ms", flush=True)
     for name, qs in runs.items():

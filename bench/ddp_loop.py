@@ -37,10 +37,11 @@ def main() -> None:
     train_loader = DataLoader(train_set, batch_size=w.global_batch // size, sampler=sampler, drop_last=True)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), size)), batch_size=common.VAL_BATCH)
 
-    # BENCH_DDP_KWARGS (bench/ab_np2.py --ddp-variant): DDP's keywords as JSON, to time the harness's own
-    # choices (init_sync=False, broadcast_buffers=False) on the hand-written loop; unset in `make bench`.
+    # By default DDP broadcasts rank 0's parameters. BENCH_DDP_KWARGS (bench/ab_np2.py --ddp-variant): DDP's
+    # keywords as JSON, to time the harness's own choices (init_sync=False, broadcast_buffers=False) on the
+    # hand-written loop; unset in `make bench`.
     ddp_kwargs = json.loads(os.environ.get("BENCH_DDP_KWARGS", "{}"))
-    model = DistributedDataParallel(common.build_model(args.workload), **ddp_kwargs)  # broadcasts rank 0's
+    model = DistributedDataParallel(common.build_model(args.workload), **ddp_kwargs)
     optimizer = common.build_optimizer(args.workload, model)
 
     model.train()
