@@ -8,27 +8,39 @@ run and the median of each over the repetitions. Low percentiles move less than 
 processes on the machine (they only add time), so they are what to compare on a shared 2-core VM; bench/
 findings.md §9 says how far they still move there.
 
+``--slice S`` runs a repetition's contenders at the same time instead, taking turns: every S seconds the
+running one (its torchrun and ranks) is stopped with SIGSTOP and the next continued with SIGCONT, so all see
+the same machine, second by second, and none competes with another for the cores. A step that spans a
+pause (over 50 ms) is left out of its percentiles and mean.
+
     .venv/bin/python bench/ab_np2.py --batches 5000 --reps 4
     .venv/bin/python bench/ab_np2.py --contender patched=/tmp/copy   # /tmp/copy/harness: a patched copy
     .venv/bin/python bench/ab_np2.py --ddp-variant 'noinit={"init_sync": false, "broadcast_buffers": false}'
+    .venv/bin/python bench/ab_np2.py --batches 20000 --reps 3 --slice 1
 """
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def run(kind: str, src: str, workload: str, batches: int, out: str) -> Tuple[float, float, float]:
-    """One torchrun job of `kind` ("ddp", with DDP's keywords `src` as JSON, or a harness under PYTHONPATH
-    `src`): rank 0's (p5, p25, p50) ms."""
+PAUSED_MS = 50.0  # a step longer than this spans a pause of --slice (the MLP's take ~1 ms)
+Quantiles = Tuple[float, float, float, float]  # p5, p25, p50, mean step ms
+
+
+def start(kind: str, src: str, workload: str, batches: int, out: str) -> "subprocess.Popen[bytes]":
+    """Start one torchrun job of `kind` ("ddp", with DDP's keywords `src` as JSON, or a harness under
+    PYTHONPATH `src`)."""
     os.makedirs(out, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, BENCH_OUT=os.path.join(out, "probe"), BENCH_WARMUP="300", BENCH_STEP_TIMES="1")
@@ -49,10 +61,68 @@ def run(kind: str, src: str, workload: str, batches: int, out: str) -> Tuple[flo
         cmd += ["--output", os.path.join(out, "output"), "--quiet"]
         env["PYTHONPATH"] = src
         env["HARNESS_BACKEND"] = "torch"
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, check=True)
+    with open(os.path.join(out, "console.log"), "wb") as log:  # what a failed job said
+        # A session of its own: when a process of ours exits while this job is stopped (--slice), the
+        # kernel would send an orphaned process group's stopped members SIGHUP, and torchrun dies of it.
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
+
+
+def result(out: str) -> Quantiles:
+    """Rank 0's p5, p25, p50 and mean step (ms), steps that span a pause left out."""
     with open(os.path.join(out, "probe", "rank0.json")) as f:
-        steps = sorted(json.load(f)["step_ms"])
-    return tuple(steps[int(len(steps) * q)] for q in (0.05, 0.25, 0.5))  # type: ignore[return-value]
+        steps = sorted(s for s in json.load(f)["step_ms"] if s < PAUSED_MS)
+    p5, p25, p50 = (steps[int(len(steps) * q)] for q in (0.05, 0.25, 0.5))
+    return p5, p25, p50, statistics.fmean(steps)
+
+
+def _tree(pid: int) -> List[int]:
+    """`pid` and its descendants (torchrun starts each rank in a session of its own: a process group
+    would miss them)."""
+    children: Dict[int, List[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+
+def _signal(proc: "subprocess.Popen[bytes]", sig: int) -> None:
+    for pid in _tree(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_sliced(jobs: Dict[str, "subprocess.Popen[bytes]"], slice_s: float) -> None:
+    """Let the jobs take turns of `slice_s` seconds until all have ended."""
+    names = list(jobs)
+    try:
+        for name in names[1:]:
+            _signal(jobs[name], signal.SIGSTOP)
+        turn = 0
+        while any(jobs[n].poll() is None for n in names):
+            running = names[turn % len(names)]
+            _signal(jobs[running], signal.SIGCONT)
+            end = time.monotonic() + slice_s
+            while time.monotonic() < end and jobs[running].poll() is None:
+                time.sleep(0.01)
+            _signal(jobs[running], signal.SIGSTOP)  # its ranks too, which the poll above does not see
+            turn += 1
+    finally:  # interrupted (Ctrl-C): no job is left stopped, or running on behind our back
+        for job in jobs.values():
+            if job.poll() is None:
+                _signal(job, signal.SIGKILL)
 
 
 def main() -> None:
@@ -74,6 +144,12 @@ def main() -> None:
         metavar="NAME=JSON",
         help="ddp_loop.py with these DistributedDataParallel keywords (JSON); repeatable",
     )
+    p.add_argument(
+        "--slice",
+        type=float,
+        metavar="S",
+        help="run each repetition's contenders together, taking turns of S seconds (SIGSTOP/SIGCONT)",
+    )
     args = p.parse_args()
     contenders: Dict[str, Tuple[str, str]] = {"ddp": ("ddp", "{}"), "torch": ("harness", ROOT)}  # (kind, src)
     for c in args.contender:
@@ -87,18 +163,36 @@ def main() -> None:
             p.error(f"--ddp-variant {name}: not JSON ({e})")
         contenders[name] = ("ddp", kwargs)
     work = tempfile.mkdtemp(prefix="ab-np2-")
-    runs: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in contenders}
+    runs: Dict[str, List[Quantiles]] = {name: [] for name in contenders}
     names = list(contenders)
+    jobs: Dict[str, subprocess.Popen[bytes]] = {}
     for i in range(args.reps):
         order = names[i % len(names) :] + names[: i % len(names)]
+        outs = {name: os.path.join(work, f"{name}-{i}") for name in order}
+        if args.slice:
+            jobs = {n: start(*contenders[n], args.workload, args.batches, outs[n]) for n in order}
+            run_sliced(jobs, args.slice)
         for name in order:
-            kind, src = contenders[name]
-            q = run(kind, src, args.workload, args.batches, os.path.join(work, f"{name}-{i}"))
+            job = (
+                jobs[name]
+                if args.slice
+                else start(*contenders[name], args.workload, args.batches, outs[name])
+            )
+            if job.wait() != 0:
+                log = os.path.join(outs[name], "console.log")
+                raise SystemExit(f"ab_np2: {name} exited with {job.returncode}; its console: {log}")
+            q = result(outs[name])
             runs[name].append(q)
-            print(f"rep {i} {name:10s} p5 {q[0]:.3f} p25 {q[1]:.3f} p50 {q[2]:.3f} ms", flush=True)
+            print(
+                f"rep {i} {name:10s} p5 {q[0]:.3f} p25 {q[1]:.3f} p50 {q[2]:.3f} mean {q[3]:.3f} ms",
+                flush=True,
+            )
     for name, qs in runs.items():
-        med = [statistics.median(q[j] for q in qs) for j in range(3)]
-        print(f"{name:10s} median over reps: p5 {med[0]:.3f} p25 {med[1]:.3f} p50 {med[2]:.3f} ms")
+        med = [statistics.median(q[j] for q in qs) for j in range(4)]
+        print(
+            f"{name:10s} median over reps: p5 {med[0]:.3f} p25 {med[1]:.3f} p50 {med[2]:.3f} "
+            f"mean {med[3]:.3f} ms"
+        )
 
 
 if __name__ == "__main__":

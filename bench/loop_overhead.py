@@ -20,7 +20,10 @@ adds their ratio (``train_batch_vs_losses_*``); ``context`` runs Determined's co
 ``--backend torch`` runs the harness on its torch backend (``TorchDistributed``: DDP's reducer on the trial's
 module, stop votes on its Gloo group) against the plain loop on ``DistributedDataParallel``, both in a
 one-rank Gloo process group: the per-batch cost the torch backend adds to hand-written DDP, without a second
-rank's scheduling noise (a one-rank group still runs DDP's bucketing and its allreduces).
+rank's scheduling noise (a one-rank group still runs DDP's bucketing and its allreduces). Under torchrun
+(``torchrun --standalone --nproc_per_node 2 bench/loop_overhead.py --backend torch``) the same pairs run at
+that many ranks, in the same processes: what differs between the two is then the loop's own work per batch,
+not the process around it (threads, process groups, imports); rank 0 prints.
 
     .venv/bin/python bench/loop_overhead.py --workload mlp --batches 4000 --pairs 7
     .venv/bin/python bench/loop_overhead.py --workload mlp --trial-api both
@@ -76,16 +79,16 @@ def harness_run(model_def, config_path: str, output: str, backend=None) -> tuple
     return _step_times()
 
 
-def plain_run(workload: str, batches: int, report_every: int, ddp: bool = False) -> tuple:
+def plain_run(workload: str, batches: int, report_every: int, ddp: bool = False, rank=0, size=1) -> tuple:
     _reset_probe()
     torch.manual_seed(common.SEED)
     train_set, _ = common.datasets()
     sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=1, rank=0, shuffle=True, seed=common.SEED
+        train_set, num_replicas=size, rank=rank, shuffle=True, seed=common.SEED
     )
     w = common.WORKLOADS[workload]
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=w.global_batch, sampler=sampler, drop_last=True
+        train_set, batch_size=w.global_batch // size, sampler=sampler, drop_last=True
     )
     model = common.build_model(workload)
     if ddp:
@@ -125,8 +128,18 @@ def main() -> None:
     args = p.parse_args()
     if args.batches <= PROBE.warmup + 1:
         p.error(f"--batches must exceed the warm-up of {PROBE.warmup}")
-    torch.set_num_threads(common.threads_per_rank(1))
-    work = tempfile.mkdtemp(prefix="loop-overhead-")
+    backend = None
+    if args.backend == "torch":  # TorchDistributed makes the group (and its own Gloo group)
+        if not distributed.torchrun_environment():  # a one-rank group of this process
+            port = str(_free_port())
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        backend = distributed.TorchDistributed()
+    rank, size = (backend.rank, backend.size) if backend else (0, 1)
+    torch.set_num_threads(common.threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    work = tempfile.mkdtemp(prefix="loop-overhead-") if rank == 0 else None
+    if backend is not None:  # the ranks share one output directory, as under a launcher
+        work = backend.broadcast_object(work)
     config_path = os.path.join(work, "experiment.yaml")
     with open(config_path, "w") as f:
         f.write(
@@ -153,18 +166,13 @@ def main() -> None:
         },
     }[args.trial_api]
     output = os.path.join(work, "output")
-    backend = None
-    if args.backend == "torch":  # a one-rank group: TorchDistributed makes it (and its own Gloo group)
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        backend = distributed.TorchDistributed()
     runs = {name: [] for name in [*variants, "plain"]}
     for i in range(args.pairs):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for name in order:
             if name == "plain":
                 runs[name].append(
-                    plain_run(args.workload, args.batches, args.report_every, ddp=backend is not None)
+                    plain_run(args.workload, args.batches, args.report_every, backend is not None, rank, size)
                 )
             else:
                 runs[name].append(harness_run(variants[name], config_path, output, backend))
@@ -175,6 +183,7 @@ def main() -> None:
         "pairs": args.pairs,
         "trial_api": args.trial_api,
         "backend": args.backend,
+        "ranks": size,
     }
     for name, values in runs.items():
         result[f"{name}_median_step_us"] = statistics.median(v[0] for v in values) * 1e6
@@ -190,7 +199,8 @@ def main() -> None:
         both = list(zip(runs["harness_context"], runs["harness"]))
         result["context_vs_train_batch_median_step"] = statistics.median(t[0] / s[0] for t, s in both)
         result["context_vs_train_batch_mean_step"] = statistics.median(t[1] / s[1] for t, s in both)
-    print(json.dumps(result, indent=1))
+    if rank == 0:
+        print(json.dumps(result, indent=1))
     if backend is not None:
         backend.shutdown()
 

@@ -127,3 +127,24 @@ def test_search_bench_quick(tmp_path):
         assert 0 <= row["bookkeeping_s"] < 10 and row["last_report_to_end_s"] >= 0, row
     assert results["plain_one_after_another_wall_s"] > 0
     assert "harness search --parallel 2:" in proc.stdout
+
+
+def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
+    """ab_np2.py --slice: both jobs run at once, stopped and continued in turns; each finishes and is read."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "ab_np2.py"), "--batches", "600", "--reps", "1"]
+        + ["--slice", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], TMPDIR=str(tmp_path)),
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    for name in ("ddp", "torch"):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} ") and "median over" in x)
+        p5, p50 = (float(line.split(f" {q} ")[1].split()[0]) for q in ("p5", "p50"))
+        assert 0 < p5 <= p50 < 50, line  # a step spanning a pause (over 50 ms) is left out
+    # No job is left behind, stopped or running (the harness jobs name the work directory in their
+    # arguments).
+    left = subprocess.run(["pgrep", "-a", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], left
