@@ -59,13 +59,15 @@ def start(kind: str, src: str, workload: str, batches: int, out: str) -> "subpro
             )
         cmd += ["-m", "harness", os.path.join(HERE, "workloads", workload), "--config", config]
         cmd += ["--output", os.path.join(out, "output"), "--quiet"]
+        # `python -m` puts the working directory first on sys.path: run in `out`, so that `src`'s harness
+        # is the one imported (in ROOT, ROOT's would be, whatever PYTHONPATH says).
         env["PYTHONPATH"] = src
         env["HARNESS_BACKEND"] = "torch"
     with open(os.path.join(out, "console.log"), "wb") as log:  # what a failed job said
         # A session of its own: when a process of ours exits while this job is stopped (--slice), the
         # kernel would send an orphaned process group's stopped members SIGHUP, and torchrun dies of it.
         return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out, start_new_session=True
         )
 
 

@@ -130,17 +130,25 @@ def test_search_bench_quick(tmp_path):
 
 
 def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
-    """ab_np2.py --slice: both jobs run at once, stopped and continued in turns; each finishes and is read."""
+    """ab_np2.py --slice: the jobs run at once, stopped and continued in turns; each finishes and is read, and
+    a --contender copy of the harness is the harness that its job imports."""
+    copy, mark = tmp_path / "copy", tmp_path / "copy-ran"
+    shutil.copytree(
+        os.path.join(ROOT, "harness"), copy / "harness", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    main = copy / "harness" / "__main__.py"
+    main.write_text(f"open({str(mark)!r}, 'a').write('ran\\n')\n" + main.read_text())
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "ab_np2.py"), "--batches", "600", "--reps", "1"]
-        + ["--slice", "0.5"],
+        + ["--slice", "0.5", "--contender", f"copy={copy}"],
         capture_output=True,
         text=True,
         timeout=300,
         env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], TMPDIR=str(tmp_path)),
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    for name in ("ddp", "torch"):
+    assert mark.read_text() == "ran\n" * 2  # both ranks of the copy's job, and no other job
+    for name in ("ddp", "torch", "copy"):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} ") and "median over" in x)
         p5, p50 = (float(line.split(f" {q} ")[1].split()[0]) for q in ("p5", "p50"))
         assert 0 < p5 <= p50 < 50, line  # a step spanning a pause (over 50 ms) is left out
