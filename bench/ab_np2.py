@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -106,6 +106,14 @@ def _signal(proc: "subprocess.Popen[bytes]", sig: int) -> None:
             pass
 
 
+def _kill_unfinished(jobs: Iterable["subprocess.Popen[bytes]"]) -> None:
+    """On the way out (Ctrl-C too): no job is left stopped, or running on behind our back (each has a
+    session of its own, so a terminal's Ctrl-C does not reach it)."""
+    for job in jobs:
+        if job.poll() is None:
+            _signal(job, signal.SIGKILL)
+
+
 def run_sliced(jobs: Dict[str, "subprocess.Popen[bytes]"], slice_s: float) -> None:
     """Let the jobs take turns of `slice_s` seconds until all have ended."""
     names = list(jobs)
@@ -121,10 +129,8 @@ def run_sliced(jobs: Dict[str, "subprocess.Popen[bytes]"], slice_s: float) -> No
                 time.sleep(0.01)
             _signal(jobs[running], signal.SIGSTOP)  # its ranks too, which the poll above does not see
             turn += 1
-    finally:  # interrupted (Ctrl-C): no job is left stopped, or running on behind our back
-        for job in jobs.values():
-            if job.poll() is None:
-                _signal(job, signal.SIGKILL)
+    finally:
+        _kill_unfinished(jobs.values())
 
 
 def main() -> None:
@@ -180,7 +186,11 @@ def main() -> None:
                 if args.slice
                 else start(*contenders[name], args.workload, args.batches, outs[name])
             )
-            if job.wait() != 0:
+            try:
+                job.wait()
+            finally:
+                _kill_unfinished([job])
+            if job.returncode != 0:
                 log = os.path.join(outs[name], "console.log")
                 raise SystemExit(f"ab_np2: {name} exited with {job.returncode}; its console: {log}")
             q = result(outs[name])
