@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import TYPE_CHECKING, Any, List, Optional, Protocol, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, TypeVar
 
 import torch
 
@@ -34,6 +34,10 @@ class Backend(Protocol):
 
     def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise minimum over the ranks."""
+
+    def start_sum(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start `allreduce_sum(t)` and return what waits for it: the allreduce overlaps what the caller
+        does meanwhile (a training report's, with the next batch). Other collectives may come in between."""
 
     def allgather_object(self, obj: Any) -> List[Any]:
         """Every rank's `obj`, in rank order (a barrier: may wait long, e.g. for a download)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -45,6 +45,11 @@ class Horovod:
 
     def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(t, op=self.hvd.Min, name="harness.min")
+
+    def start_sum(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        # A name of its own: a synchronous "harness.sum" may be issued while this one is in flight.
+        handle = self.hvd.allreduce_async(t, op=self.hvd.Sum, name="harness.started_sum")
+        return lambda: self.hvd.synchronize(handle)
 
     def allgather_object(self, obj: Any) -> List[Any]:
         # Under MPI this is a plain MPI collective outside Horovod's background thread, so a long wait

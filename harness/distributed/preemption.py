@@ -159,10 +159,13 @@ class StopVotes:
 
     A vote is a two-number allreduce (stop?, proposed interval) that overlaps a batch. Voting at every batch
     would cost a collective per batch, which shows on fast steps; instead each vote also fixes the batch of
-    the next one, so that votes are about VOTE_SECONDS apart (every batch once batches take longer).
+    the next one, so that votes are about VOTE_SECONDS apart (every batch once batches take longer). A vote
+    is cheap but not free: starting one took 0.15-0.3 ms of the main thread at two ranks on 2 cores
+    (bench/findings.md §9), so 20 a second cost ~0.5% of the MLP's 1.2 ms steps; 10 a second halve that
+    and still agree on a stop well inside plain mpirun's 1 s before it kills.
     """
 
-    VOTE_SECONDS = 0.05
+    VOTE_SECONDS = 0.1
 
     def __init__(self, backend: Backend, batches: int):
         self.backend = backend

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,18 @@ class TorchDistributed:
 
     def allreduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, dist.ReduceOp.MIN)
+
+    def start_sum(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        out = t.clone()
+        group = None if out.is_cuda else self._group
+        work = dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        assert work is not None  # async_op=True
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return out
+
+        return wait
 
     def allgather_object(self, obj: Any) -> List[Any]:
         out: List[Any] = [None] * self.size
@@ -191,15 +203,15 @@ def _route_through(module: torch.nn.Module, ddp: DistributedDataParallel) -> Non
     """Make ``module(...)`` run through `ddp` while autograd records (training): its class becomes a
     subclass, of the same name, whose ``__call__`` does that; DDP's own call back into the module runs the
     module's hooks and forward once, as usual."""
-    cls = type(module)
+    cls, inner = type(module), module
 
     def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         # Evaluation, DDP's own call back, and a copy of the module (copy.deepcopy keeps the class) run as
-        # they are.
+        # they are. (`inner`, not `ddp.module`: nn.Module's __getattr__ is slow, and this runs twice a batch.)
         if (
             getattr(_inside, "on", False)
             or not (torch.is_grad_enabled() and self.training)
-            or ddp.module is not self
+            or self is not inner
         ):
             return cls.__call__(self, *args, **kwargs)
         _inside.on = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from harness.config import ExperimentConfig, optimizations
 from harness.config.yaml12 import dump_yaml
@@ -74,6 +74,8 @@ def train(
             dump_yaml(config.as_dict(), f)
     votes, non_blocking = StopVotes(backend, progress.batches), device.type == "cuda"
     resume_at = progress.batches if resumed else None
+    late: Optional[Callable[[], None]] = None  # a training report, reduced while the next batch trains
+    due = schedule.next_due(progress.batches)  # the next batch with a duty (report, validation, ...)
     with Reporter(output_dir, backend.rank == 0, resume_at, progress_bar) as reporter:
         _announce(reporter, config, backend, run, schedule, progress, resumed, changed)
         if schedule.initial_validation_due(progress.batches) and run.val_loader is not None:
@@ -100,17 +102,23 @@ def train(
                 progress.advance(records * backend.size)
                 reporter.advance(records * backend.size)
                 batches = progress.batches
+                if batches < due and vote is None and late is None:
+                    continue  # nothing is due after this batch: on to the next, as the hand-written loop
+                late = _written(late)  # the last batch's report: its allreduce overlapped this batch
+                due = schedule.next_due(batches)
                 if schedule.report_due(batches):
-                    _report_training(state, reporter)
+                    late = _report_training(state, reporter)
                     reporter.start_period(schedule.until_report(batches), run.global_batch)
                 save, why_stop = schedule.done(batches) or schedule.checkpoint_due(batches), None
                 if schedule.validation_due(batches) and run.val_loader is not None:
+                    late = _written(late)
                     with reporter.aside():
                         better, why_stop = _validate(run, state, searcher, reporter, stop)
                     save = save or better
                 if votes.finish(vote, batches) and why_stop is None:  # every rank agreed on a stop
                     why_stop = SIGNAL
                 if save or why_stop:
+                    late = _written(late)  # before the checkpoint's own reduction and lines
                     with reporter.aside():
                         path = state.save(output_dir)
                     if why_stop:
@@ -132,12 +140,28 @@ def train(
 # The duties, out of the way of the loop.
 
 
-def _report_training(state: RunState, reporter: Reporter) -> None:
-    """The window's training metrics, averaged over its batches and the ranks (one allreduce)."""
+def _report_training(state: RunState, reporter: Reporter) -> Callable[[], None]:
+    """The window's training metrics, averaged over its batches and the ranks: their allreduce starts
+    now, and the report is written when the returned function is called (after the next batch's step, so
+    that the allreduce's round trip overlaps it, as DDP's bucket allreduces overlap the backward pass)."""
     progress = state.progress
-    reduced = state.metrics.report(state.backend, progress.batches)
-    reduced.update(state.step.report())  # lr, loss scale: the same on every rank, no reduction
-    reporter.report("training", progress.batches, progress.epoch, progress.records, reduced)
+    batches, epoch, records = progress.batches, progress.epoch, progress.records
+    reduce = state.metrics.start_report(state.backend, batches)
+    others = state.step.report()  # lr, loss scale: the same on every rank, no reduction
+
+    def write() -> None:
+        reduced = reduce()
+        reduced.update(others)
+        reporter.report("training", batches, epoch, records, reduced)
+
+    return write
+
+
+def _written(late: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+    """Write a training report whose allreduce is under way, if there is one; None: none is pending now."""
+    if late is not None:
+        late()
+    return None
 
 
 def _validate(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -75,19 +75,39 @@ class MetricAccumulator:
 
     def totals(self, backend: Backend) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
         """The sums and weights over every rank, undivided (for a checkpoint); clears this rank's."""
+        flat, unpack = self._packed()
+        return unpack(backend.allreduce_sum(flat))
+
+    def start_totals(
+        self, backend: Backend
+    ) -> Callable[[], Tuple[Dict[str, torch.Tensor], Dict[str, float]]]:
+        """`totals`, its allreduce started: what it returns waits for it (this rank's are cleared now)."""
+        flat, unpack = self._packed()
+        wait = backend.start_sum(flat)
+        return lambda: unpack(wait())
+
+    def _packed(
+        self,
+    ) -> Tuple[torch.Tensor, Callable[[torch.Tensor], Tuple[Dict[str, torch.Tensor], Dict[str, float]]]]:
+        """Every sum and weight in one buffer (one allreduce), and how to unpack the reduced buffer; clears
+        this rank's."""
         names = sorted(self.sums)
+        shapes = [self.sums[n].shape for n in names]
         parts = [self.sums[n].reshape(-1) for n in names]
-        # The weights travel in the same buffer (one allreduce); the trailing 0 keeps it non-empty.
+        # The weights travel in the same buffer; the trailing 0 keeps it non-empty.
         weights = torch.tensor([self.weights[n] for n in names] + [0.0], dtype=torch.float64)
-        flat = backend.allreduce_sum(torch.cat(parts + [weights.to(self.device)])).cpu()
-        sums, offset = {}, 0
-        for n, p in zip(names, parts):
-            sums[n] = flat[offset : offset + p.numel()].reshape(self.sums[n].shape).clone()
-            offset += p.numel()
-        reduced = {n: float(w) for n, w in zip(names, flat[offset:].tolist())}
-        self.sums.clear()
-        self.weights.clear()
-        return sums, reduced
+        flat = torch.cat(parts + [weights.to(self.device)])
+        self.sums, self.weights = {}, {}
+
+        def unpack(reduced: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+            host = reduced.cpu()
+            sums, offset = {}, 0
+            for n, shape, p in zip(names, shapes, parts):
+                sums[n] = host[offset : offset + p.numel()].reshape(shape).clone()
+                offset += p.numel()
+            return sums, {n: float(w) for n, w in zip(names, host[offset:].tolist())}
+
+        return flat, unpack
 
     def load(self, sums: Dict[str, torch.Tensor], weights: Union[Dict[str, float], float]) -> None:
         """Start from totals saved by `totals` (on one rank only, so that they are counted once).

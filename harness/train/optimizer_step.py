@@ -22,6 +22,7 @@ from harness.config.optimizations import TrainingOptions
 from harness.errors import HarnessError
 
 _EVERY_STEP = (StepMode.STEP_EVERY_BATCH, StepMode.STEP_EVERY_OPTIMIZER_STEP)  # PEDL's trials: the same
+_NOTHING = contextlib.nullcontext()  # stateless: one for every batch (no autocast, no Horovod)
 
 
 class OptimizerStep:
@@ -46,6 +47,7 @@ class OptimizerStep:
         # DDP (the torch backend) averages at the backward pass of every forward pass outside its no_sync.
         self._no_sync = no_sync
         self._device_type = device_type = (device or torch.device("cpu")).type
+        self._fp32 = options.autocast_dtype is None
         # The context API shares one scaler among its optimizers and updates it once per batch (`scaler`).
         self._own_scaler = scaler is None
         if scaler is None and options.precision == "fp16":
@@ -61,8 +63,8 @@ class OptimizerStep:
     def forward(self) -> ContextManager[Any]:
         """The context of a forward pass and its loss (autocast, or nothing); within an aggregation window
         but at its end, also DDP's no_sync (the torch backend)."""
-        autocast = self.options.autocast(self._device_type)
-        if self._no_sync is None or self.ends_window():
+        autocast = _NOTHING if self._fp32 else self.options.autocast(self._device_type)
+        if self._no_sync is None or self.k == 1 or self.ends_window():
             return autocast
         stack = contextlib.ExitStack()
         stack.enter_context(self._no_sync())
@@ -111,12 +113,12 @@ class OptimizerStep:
             torch.nn.utils.clip_grad_norm_(self._params(), self.options.clip_grad_l2_norm)
         elif self.options.clip_grad_val is not None:
             torch.nn.utils.clip_grad_value_(self._params(), self.options.clip_grad_val)
-        with opt.skip_synchronize() if self._horovod else contextlib.nullcontext():  # type: ignore
+        with opt.skip_synchronize() if self._horovod else _NOTHING:  # type: ignore
             if scaler is not None:
                 scaler.step(opt)
             else:
                 opt.step()
-        if self._own_scaler:
+        if self._own_scaler and scaler is not None:
             self.update_scaler()
         if zero_grads:
             opt.zero_grad()

@@ -62,6 +62,22 @@ class Schedule:
         """perform_initial_validation: once, before any batch is trained (not after a resume)."""
         return self.initial and batches == 0
 
+    def next_due(self, batches: int) -> int:
+        """The first batch after `batches` at which a report, a validation, a periodic checkpoint or the
+        end is due: until then the loop checks nothing (one comparison a batch instead of a call each)."""
+
+        def next_multiple(every: Optional[int]) -> int:
+            return (batches // every + 1) * every if every else self.total
+
+        later_rungs = [r for r in self.rungs if r > batches]
+        return min(
+            self.total,
+            next_multiple(self.report_every),
+            next_multiple(self.validate_every),
+            next_multiple(self.checkpoint_every),
+            min(later_rungs, default=self.total),
+        )
+
     def checkpoint_due(self, batches: int) -> bool:
         """A periodic checkpoint (the end, a stop and a better validation bring their own)."""
         return self.checkpoint_every is not None and batches % self.checkpoint_every == 0

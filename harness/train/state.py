@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -114,7 +114,10 @@ class TrainingMetrics:
 
     def add(self, loss: Optional[torch.Tensor], metrics: Optional[Dict[str, Any]]) -> None:
         if loss is not None:  # None: a trial whose train_batch returned metrics without "loss"
-            self.losses.append(loss.detach().float())
+            loss = loss.detach()
+            self.losses.append(
+                loss if loss.dtype is torch.float32 else loss.float()
+            )  # (a call less per batch)
         if metrics:
             self.acc.add(metrics)
 
@@ -124,20 +127,38 @@ class TrainingMetrics:
         A non-finite loss stops every rank (they all see the same totals), naming the first bad batch of any
         rank.
         """
-        self.acc.add_values("loss", self.losses)
-        sums, weights = self.acc.totals(backend)
-        if "loss" in sums and not bool(torch.isfinite(sums["loss"]).all()):
-            local = first_nonfinite(self.losses)
-            index = self.start + local + 1 if local is not None else sys.maxsize
-            first = int(backend.allreduce_min(torch.tensor([index], dtype=torch.int64)).item())
-            raise HarnessError(f"the loss is not finite (NaN or inf) at training batch {first}; stopping")
-        self.losses.clear()
-        self.start = batches
-        return sums, weights
+        return self.start_totals(backend, batches)()
+
+    def start_totals(
+        self, backend: Backend, batches: int
+    ) -> Callable[[], Tuple[Dict[str, torch.Tensor], Dict[str, float]]]:
+        """`totals` with its allreduce started; what it returns waits for it (and checks the loss). The next
+        window starts now."""
+        losses, start = self.losses, self.start
+        self.acc.add_values("loss", losses)
+        wait = self.acc.start_totals(backend)
+        self.losses, self.start = [], batches
+
+        def finish() -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+            sums, weights = wait()
+            if "loss" in sums and not bool(torch.isfinite(sums["loss"]).all()):
+                local = first_nonfinite(losses)
+                index = start + local + 1 if local is not None else sys.maxsize
+                first = int(backend.allreduce_min(torch.tensor([index], dtype=torch.int64)).item())
+                raise HarnessError(f"the loss is not finite (NaN or inf) at training batch {first}; stopping")
+            return sums, weights
+
+        return finish
+
+    def start_report(self, backend: Backend, batches: int) -> Callable[[], Reduced]:
+        """The window's means over every rank, their allreduce started now (it overlaps what the caller does
+        next); what it returns waits for them. The next window starts now."""
+        finish = self.start_totals(backend, batches)
+        return lambda: means(*finish())
 
     def report(self, backend: Backend, batches: int) -> Reduced:
         """The window's means over every rank; the next window starts."""
-        return means(*self.totals(backend, batches))
+        return self.start_report(backend, batches)()
 
     def state_dict(self, backend: Backend, batches: int) -> List[Any]:
         """The unreported window, reduced over the ranks (a collective), kept on rank 0 as after a resume:

@@ -27,6 +27,26 @@ def test_schedule_says_what_is_due():
     assert [b for b in range(1, 4) if bare.validation_due(b) or bare.checkpoint_due(b)] == [3]
 
 
+def test_next_due_is_the_first_batch_with_any_duty():
+    """The loop checks nothing between `next_due`s: it must never skip a batch where something is due."""
+    schedules = [
+        Schedule(total=10, report_every=4, validate_every=3, checkpoint_every=5, rungs=frozenset({2})),
+        Schedule(total=3, report_every=100),
+        Schedule(total=50, report_every=7, checkpoint_every=11, rungs=frozenset({5, 23, 49})),
+        Schedule(total=12, report_every=1),
+    ]
+    for s in schedules:
+        due_at = [
+            b
+            for b in range(1, s.total + 1)
+            if s.report_due(b) or s.validation_due(b) or s.checkpoint_due(b) or s.done(b)
+        ]
+        # From every batch (a resumed run starts anywhere), the next duty is the one next_due names.
+        for start in range(0, s.total):
+            assert s.next_due(start) == min(b for b in due_at if b > start), (s, start)
+    assert Schedule(total=10, report_every=4).next_due(10) == 10  # at the end: nothing later
+
+
 def test_schedule_of_a_config_converts_lengths():
     cfg = config.parse_config(
         {
@@ -75,6 +95,32 @@ def test_training_metrics_window_is_counted_once_after_a_restore():
     m.add(torch.tensor(float("nan")), None)
     with pytest.raises(Exception, match="not finite .* at training batch 4"):
         m.report(backend, batches=4)
+
+
+def test_a_started_report_is_its_own_window_while_the_next_one_fills():
+    """The loop starts a report's allreduce and writes the report a batch later: the batch trained meanwhile
+    belongs to the next window, and a non-finite loss is still named by its batch when the report ends."""
+
+    class Delayed(distributed.Local):
+        """Two ranks that saw the same data, whose sum arrives only when waited for."""
+
+        def start_sum(self, t):
+            return lambda: t * 2
+
+    backend = Delayed()
+    m = TrainingMetrics(torch.device("cpu"), "losses()")
+    for loss in (1.0, 3.0):
+        m.add(torch.tensor(loss), None)
+    finish = m.start_report(backend, batches=2)
+    m.add(torch.tensor(100.0), None)  # batch 3, trained while the allreduce is under way
+    assert finish() == pytest.approx({"loss": 2.0})
+    assert m.report(backend, batches=3) == pytest.approx({"loss": 100.0})
+    m.add(torch.tensor(1.0), None)
+    m.add(torch.tensor(float("inf")), None)
+    finish = m.start_report(backend, batches=5)
+    m.add(torch.tensor(float("nan")), None)  # batch 6: not this report's
+    with pytest.raises(Exception, match="not finite .* at training batch 5;"):
+        finish()
 
 
 def run(model_dir, output, **changes):
