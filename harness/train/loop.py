@@ -146,8 +146,10 @@ def _report_training(state: RunState, reporter: Reporter) -> Callable[[], None]:
     that the allreduce's round trip overlaps it, as DDP's bucket allreduces overlap the backward pass)."""
     progress = state.progress
     batches, epoch, records = progress.batches, progress.epoch, progress.records
+    # lr, loss scale (the same on every rank) and a context trial's reducers (a collective of their own,
+    # finished before the metrics' allreduce starts: no collective of the main thread overlaps it).
+    others = state.step.report()
     reduce = state.metrics.start_report(state.backend, batches)
-    others = state.step.report()  # lr, loss scale: the same on every rank, no reduction
 
     def write() -> None:
         reduced = reduce()

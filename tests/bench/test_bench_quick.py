@@ -156,3 +156,32 @@ def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
     # arguments).
     left = subprocess.run(["pgrep", "-a", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert left == [], left
+
+
+def test_loop_sections_times_every_part_of_both_loops(tmp_path):
+    """loop_sections.py finds each anchor in the loop and in ddp_loop.py (a changed line fails it here, by
+    name), and every part of a batch gets a time: the harness's own parts only in its column."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "loop_sections.py")]
+        + ["--batches", "600", "--runs", "1", "--skip", "100"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], TMPDIR=str(tmp_path)),
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    rows = {line[:36].strip(): line[36:].split() for line in proc.stdout.splitlines()[2:] if line[:1] != "("}
+    harness_only = {"stop vote's start, watchdog beat", "adapter.prepare", "duties when due"}
+    for part, cells in rows.items():
+        if part == "whole batch":
+            ddp, harness = (float(c) for c in cells)
+            assert ddp > 0 and harness > 0
+            continue
+        text = " ".join(cells)
+        if part in harness_only:
+            assert text.startswith("— "), (part, text)
+        mean, median = (float(x) for x in text.split()[-3::2])  # the harness's "mean / median"
+        assert mean > 0 and median > 0, (part, text)
+    assert len(rows) == 9, rows
+    # The repository is not changed: the marks go into copies.
+    assert "_sections" not in open(os.path.join(ROOT, "harness", "train", "loop.py")).read()
