@@ -38,9 +38,16 @@ PAUSED_MS = 50.0  # a step longer than this spans a pause of --slice (the MLP's 
 Quantiles = Tuple[float, float, float, float]  # p5, p25, p50, mean step ms
 
 
-def start(kind: str, src: str, workload: str, batches: int, out: str) -> "subprocess.Popen[bytes]":
-    """Start one torchrun job of `kind` ("ddp", with DDP's keywords `src` as JSON, or a harness under
-    PYTHONPATH `src`)."""
+def start(
+    kind: str,
+    src: str,
+    workload: str,
+    batches: int,
+    out: str,
+    script: str = os.path.join(HERE, "ddp_loop.py"),
+) -> "subprocess.Popen[bytes]":
+    """Start one torchrun job of `kind` ("ddp": `script`, with DDP's keywords `src` as JSON; or a harness
+    under PYTHONPATH `src`)."""
     os.makedirs(out, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, BENCH_OUT=os.path.join(out, "probe"), BENCH_WARMUP="300", BENCH_STEP_TIMES="1")
@@ -49,7 +56,7 @@ def start(kind: str, src: str, workload: str, batches: int, out: str) -> "subpro
     cmd = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2"]
     if kind == "ddp":
         env["BENCH_DDP_KWARGS"] = src
-        cmd += [os.path.join(HERE, "ddp_loop.py"), "--workload", workload, "--batches", str(batches)]
+        cmd += [script, "--workload", workload, "--batches", str(batches)]
     else:
         config = os.path.join(out, "experiment.yaml")
         with open(config, "w") as f:

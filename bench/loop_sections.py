@@ -16,10 +16,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from typing import Dict, List, Tuple
+
+import ab_np2  # bench/, the script's own directory, is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -128,24 +128,19 @@ def instrument(root: str, marks: List[Tuple[str, str, str, str]]) -> None:
 
 
 def run(kind: str, work: str, name: str, batches: int, skip: int) -> Dict[str, List[float]]:
-    """One torchrun job of two ranks; rank 0's parts: {part: [mean µs, median µs, batches]}."""
+    """One torchrun job of two ranks (started as ab_np2.py starts its own); rank 0's parts: {part: [mean
+    µs, median µs, batches]}."""
     out = os.path.join(work, name)
     os.makedirs(out)
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, SECTIONS_OUT=out, SECTIONS_SKIP=str(skip), OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.path.join(work, "src") + os.pathsep + os.path.join(HERE, "workloads")
-    cmd = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    if kind == "ddp":
-        cmd += [os.path.join(work, "src", "ddp_loop.py"), "--workload", "mlp", "--batches", str(batches)]
-    else:
-        config = os.path.join(out, "experiment.yaml")
-        with open(config, "w") as f:
-            f.write(f"searcher:\n  max_length: {{batches: {batches}}}\nscheduling_unit: 100\n")
-        cmd += ["-m", "harness", os.path.join(HERE, "workloads", "mlp"), "--config", config]
-        cmd += ["--output", os.path.join(out, "output"), "--quiet"]
-        env["HARNESS_BACKEND"] = "torch"
-    with open(os.path.join(out, "console.log"), "wb") as log:  # cwd=out: the copy, not ROOT, is imported
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
+    os.environ.update(SECTIONS_OUT=out, SECTIONS_SKIP=str(skip), OMP_NUM_THREADS="1")  # the jobs inherit it
+    src = os.path.join(work, "src")
+    job = ab_np2.start(
+        kind, "{}" if kind == "ddp" else src, "mlp", batches, out, os.path.join(src, "ddp_loop.py")
+    )
+    try:
+        code = job.wait()
+    finally:
+        ab_np2._kill_unfinished([job])
     if code != 0:
         raise SystemExit(f"loop_sections: {name} exited with {code}; its console: {out}/console.log")
     with open(os.path.join(out, "rank0.json")) as f:
@@ -167,6 +162,7 @@ def main() -> None:
         ignore=shutil.ignore_patterns("__pycache__"),
     )
     shutil.copy(os.path.join(HERE, "ddp_loop.py"), src)
+    os.symlink(os.path.join(HERE, "workloads"), os.path.join(src, "workloads"))  # the copy's `import common`
     with open(os.path.join(src, "_sections.py"), "w") as f:
         f.write(TIMER)
     instrument(src, HARNESS_MARKS)
