@@ -115,9 +115,9 @@ class TrainingMetrics:
     def add(self, loss: Optional[torch.Tensor], metrics: Optional[Dict[str, Any]]) -> None:
         if loss is not None:  # None: a trial whose train_batch returned metrics without "loss"
             loss = loss.detach()
-            self.losses.append(
-                loss if loss.dtype is torch.float32 else loss.float()
-            )  # (a call less per batch)
+            if loss.dtype is not torch.float32:  # (float() of a float32 loss is a call per batch for nothing)
+                loss = loss.float()
+            self.losses.append(loss)
         if metrics:
             self.acc.add(metrics)
 
