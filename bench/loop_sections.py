@@ -8,6 +8,7 @@ alternate between the two. The copies live in a temporary directory; the reposit
 loop's lines change, the anchors below must follow (the script names the one it cannot find).
 
     .venv/bin/python bench/loop_sections.py --batches 12000 --runs 2
+    .venv/bin/python bench/loop_sections.py --workload conv --batches 3000 --runs 3
     .venv/bin/python bench/loop_sections.py --src /tmp/copy       # a copy of the harness: /tmp/copy/harness
 """
 
@@ -127,7 +128,7 @@ def instrument(root: str, marks: List[Tuple[str, str, str, str]]) -> None:
             f.write("\n".join(lines))
 
 
-def run(kind: str, work: str, name: str, batches: int, skip: int) -> Dict[str, List[float]]:
+def run(kind: str, work: str, name: str, workload: str, batches: int, skip: int) -> Dict[str, List[float]]:
     """One torchrun job of two ranks (started as ab_np2.py starts its own); rank 0's parts: {part: [mean
     µs, median µs, batches]}."""
     out = os.path.join(work, name)
@@ -135,7 +136,7 @@ def run(kind: str, work: str, name: str, batches: int, skip: int) -> Dict[str, L
     os.environ.update(SECTIONS_OUT=out, SECTIONS_SKIP=str(skip), OMP_NUM_THREADS="1")  # the jobs inherit it
     src = os.path.join(work, "src")
     job = ab_np2.start(
-        kind, "{}" if kind == "ddp" else src, "mlp", batches, out, os.path.join(src, "ddp_loop.py")
+        kind, "{}" if kind == "ddp" else src, workload, batches, out, os.path.join(src, "ddp_loop.py")
     )
     try:
         code = job.wait()
@@ -149,6 +150,7 @@ def run(kind: str, work: str, name: str, batches: int, skip: int) -> Dict[str, L
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default="mlp", choices=("mlp", "conv"))
     p.add_argument("--batches", type=int, default=12000)
     p.add_argument("--runs", type=int, default=2, help="runs of each, alternating")
     p.add_argument("--skip", type=int, default=500, help="batches left out at the start (warm-up)")
@@ -170,10 +172,10 @@ def main() -> None:
     results: Dict[str, List[Dict[str, List[float]]]] = {"ddp": [], "harness": []}
     for i in range(args.runs):
         for kind in ("ddp", "harness") if i % 2 == 0 else ("harness", "ddp"):
-            results[kind].append(run(kind, work, f"{kind}-{i}", args.batches, args.skip))
+            results[kind].append(run(kind, work, f"{kind}-{i}", args.workload, args.batches, args.skip))
     print(
         f"rank 0, µs per batch, mean / median (the median of each over {args.runs} runs of {args.batches} "
-        f"batches; the first {args.skip} left out)"
+        f"{args.workload} batches; the first {args.skip} left out)"
     )
     print(f"{'part of a batch':36} {'torchrun + DDP':>16} {'harness (torch)':>16}")
     for part in PARTS + ["whole batch"]:

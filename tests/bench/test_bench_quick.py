@@ -130,8 +130,9 @@ def test_search_bench_quick(tmp_path):
 
 
 def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
-    """ab_np2.py --slice: the jobs run at once, stopped and continued in turns; each finishes and is read, and
-    a --contender copy of the harness is the harness that its job imports."""
+    """ab_np2.py --slice: the jobs run at once, stopped and continued in turns; each finishes and is read, a
+    --contender copy of the harness is the harness that its job imports, and the harness trains what the DDP
+    loop trains."""
     copy, mark = tmp_path / "copy", tmp_path / "copy-ran"
     shutil.copytree(
         os.path.join(ROOT, "harness"), copy / "harness", ignore=shutil.ignore_patterns("__pycache__")
@@ -152,6 +153,14 @@ def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
         line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} ") and "median over" in x)
         p5, p50 = (float(line.split(f" {q} ")[1].split()[0]) for q in ("p5", "p50"))
         assert 0 < p5 <= p50 < 50, line  # a step spanning a pause (over 50 ms) is left out
+    # The harness trains the same numbers as ddp_loop.py (given its seed), so that their step times compare
+    # the same work (another seed changes, e.g., how many denormal floats Adam's state holds).
+    work = next(tmp_path.glob("ab-np2-*"))
+    with open(work / "ddp-0" / "probe" / "rank0.json") as f:
+        ddp = json.load(f)["validation"]["loss"]
+    with open(work / "torch-0" / "output" / "metrics.jsonl") as f:
+        last = [e for e in map(json.loads, f) if e["type"] == "validation"][-1]
+    assert last["metrics"]["loss"] == pytest.approx(ddp, rel=1e-5)
     # No job is left behind, stopped or running (the harness jobs name the work directory in their
     # arguments).
     left = subprocess.run(["pgrep", "-a", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
