@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,13 +46,15 @@ def start(
     batches: int,
     out: str,
     script: str = os.path.join(HERE, "ddp_loop.py"),
+    extra_env: Optional[Dict[str, str]] = None,
 ) -> "subprocess.Popen[bytes]":
     """Start one torchrun job of `kind` ("ddp": `script`, with DDP's keywords `src` as JSON; or a harness
-    under PYTHONPATH `src`)."""
+    under PYTHONPATH `src`); `extra_env` is added to its environment."""
     os.makedirs(out, exist_ok=True)
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, BENCH_OUT=os.path.join(out, "probe"), BENCH_WARMUP="300", BENCH_STEP_TIMES="1")
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra_env or {})
     env["PATH"] = bin_dir + os.pathsep + env["PATH"]
     cmd = [os.path.join(bin_dir, "torchrun"), "--standalone", "--nproc_per_node", "2"]
     if kind == "ddp":
@@ -61,14 +63,7 @@ def start(
     else:
         config = os.path.join(out, "experiment.yaml")
         with open(config, "w") as f:
-            f.write(
-                f"searcher:\n  max_length: {{batches: {batches}}}\nscheduling_unit: 100\n"
-                "min_validation_period: {batches: 1000000}\n"
-                # ddp_loop.py's seed: the same initial weights and data order, so the same numbers. Without
-                # it the harness drew its own, and trained another trajectory: with more denormal floats
-                # in Adam's state (conv: 13,270 against 9,537 at batch 1000), each step was ~5% slower.
-                f"reproducibility:\n  experiment_seed: {common.SEED}\n"
-            )
+            f.write(common.harness_config(batches, extra="min_validation_period: {batches: 1000000}\n"))
         cmd += ["-m", "harness", os.path.join(HERE, "workloads", workload), "--config", config]
         cmd += ["--output", os.path.join(out, "output"), "--quiet"]
         # `python -m` puts the working directory first on sys.path: run in `out`, so that `src`'s harness

@@ -142,10 +142,7 @@ def main() -> None:
         work = backend.broadcast_object(work)
     config_path = os.path.join(work, "experiment.yaml")
     with open(config_path, "w") as f:
-        f.write(
-            f"searcher:\n  max_length: {{batches: {args.batches}}}\n"
-            f"scheduling_unit: {args.report_every}\nreproducibility:\n  experiment_seed: {common.SEED}\n"
-        )
+        f.write(common.harness_config(args.batches, args.report_every))
     model_def = definition.load(os.path.join(HERE, "workloads", args.workload))
     batch_api_def = dataclasses.replace(
         model_def, trial_class=bench_trial.batch_api_trial_class(args.workload)

@@ -133,11 +133,10 @@ def run(kind: str, work: str, name: str, workload: str, batches: int, skip: int)
     µs, median µs, batches]}."""
     out = os.path.join(work, name)
     os.makedirs(out)
-    os.environ.update(SECTIONS_OUT=out, SECTIONS_SKIP=str(skip), OMP_NUM_THREADS="1")  # the jobs inherit it
     src = os.path.join(work, "src")
-    job = ab_np2.start(
-        kind, "{}" if kind == "ddp" else src, workload, batches, out, os.path.join(src, "ddp_loop.py")
-    )
+    env = dict(SECTIONS_OUT=out, SECTIONS_SKIP=str(skip), OMP_NUM_THREADS="1")
+    kwargs = "{}" if kind == "ddp" else src
+    job = ab_np2.start(kind, kwargs, workload, batches, out, os.path.join(src, "ddp_loop.py"), env)
     try:
         code = job.wait()
     finally:

@@ -258,10 +258,9 @@ def command(
         config = os.path.join(run_dir, "experiment.yaml")
         with open(config, "w") as f:
             f.write(
-                f"description: bench {workload} {variant}\n"
-                f"searcher:\n  max_length: {{batches: {batches}}}\n"  # batches, not optimizer steps
-                f"scheduling_unit: {LOG_EVERY}\n"
-                f"reproducibility:\n  experiment_seed: {common.SEED}\n" + v.optimizations()
+                common.harness_config(
+                    batches, LOG_EVERY, f"description: bench {workload} {variant}\n" + v.optimizations()
+                )
             )
         model_dir = os.path.join(HERE, "workloads", workload)
         args = [model_dir, "--config", config, "--output", os.path.join(run_dir, "output")]

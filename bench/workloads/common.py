@@ -34,6 +34,18 @@ VAL_RECORDS = 360  # a fixed split of the 1797 digits: 360 validation, 1437 trai
 VAL_BATCH = 256  # per rank
 
 
+def harness_config(batches: int, report_every: int = 100, extra: str = "") -> str:
+    """The harness's experiment config for a bench run (YAML text): `batches` training batches, a report
+    every `report_every`, and SEED, so that the harness trains the same numbers as the hand-written loops
+    (another seed is another trajectory: on the conv net, more of Adam's moments decay into denormal floats
+    and each step is ~5% slower). `extra`: more top-level YAML lines."""
+    return (
+        f"searcher:\n  max_length: {{batches: {batches}}}\n"  # batches, not optimizer steps
+        f"scheduling_unit: {report_every}\n"
+        f"reproducibility:\n  experiment_seed: {SEED}\n" + extra
+    )
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
