@@ -289,6 +289,41 @@ def test_sigkill_of_torchrun_stops_its_ranks_with_a_checkpoint(tmp_path):
     assert "stopped by the exit of its launcher (torchrun" in stdout or "stopped by a stop request" in stdout
 
 
+FULL_DATASET_HEARTBEATS = """
+import time
+import torch
+from torch import nn
+import harness
+
+
+class Trial(harness.PyTorchTrial):
+    def build_model(self, hparams):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_batch(self, batch, model, epoch_idx, batch_idx):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def evaluate_full_dataset(self, data_loader, model):
+        time.sleep(4.5)  # run_on_chief's heartbeat (every 2 s) allreduces twice meanwhile
+        return {"records": float(sum(len(y) for _, y in data_loader))}
+"""
+
+
+def test_a_long_evaluate_full_dataset_under_torchrun_keeps_the_ranks_waiting(tmp_path):
+    """Rank 0 evaluates alone for 4.5 s while a thread of its own allreduces heartbeats with rank 1's main
+    thread (run_on_chief, on the harness's Gloo group): both validations end, rank 0 having seen every one
+    of the 100 validation records, and no rank waits for a collective that never comes."""
+    config = GOOD_CONFIG.replace("batch: 20", "global_batch_size: 20")
+    config += "min_validation_period: {batches: 3}\n"
+    model_dir = write_model_def(tmp_path / "model", model_def=FULL_DATASET_HEARTBEATS, config=config)
+    trained("torchrun", 2, model_dir, tmp_path / "out")
+    validations = reports(tmp_path / "out", "validation")
+    assert [(e["batches"], e["metrics"]["records"]) for e in validations] == [(3, 100.0), (6, 100.0)]
+
+
 STALL_CONFIG = GOOD_CONFIG + f"stall_timeout: {STALL_TIMEOUT}\nsetup_timeout: 120\n"
 
 
