@@ -166,6 +166,9 @@ def main() -> None:
         help="run each repetition's contenders together, taking turns of S seconds (SIGSTOP/SIGCONT)",
     )
     args = p.parse_args()
+    # SIGTERM (`kill`, `pkill -f ab_np2`) as Ctrl-C: the `finally`s below end the jobs. Without it Python
+    # dies at once, and the sliced jobs stay behind, stopped, holding their memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     contenders: Dict[str, Tuple[str, str]] = {"ddp": ("ddp", "{}"), "torch": ("harness", ROOT)}  # (kind, src)
     for c in args.contender:
         name, _, src = c.partition("=")

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,41 @@ def test_ab_np2_sliced_takes_turns_and_reports_each_contender(tmp_path):
     # arguments).
     left = subprocess.run(["pgrep", "-a", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert left == [], left
+
+
+def test_ab_np2_sigterm_ends_its_stopped_jobs(tmp_path):
+    """SIGTERM to ab_np2.py while its sliced jobs take turns (all but one stopped): it ends every one of
+    them, and none is left behind stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "bench", "ab_np2.py"), "--batches", "100000", "--reps", "1"]
+        + ["--slice", "0.5"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], TMPDIR=str(tmp_path)),
+    )
+
+    def jobs():  # every job's processes have the work directory in their environment (BENCH_OUT)
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if str(tmp_path).encode() in f.read() and int(pid) != proc.pid:
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(jobs()) < 6 and time.monotonic() < deadline:  # two torchruns and their ranks
+        time.sleep(0.5)
+    assert len(jobs()) >= 6, "the jobs did not start"
+    time.sleep(2)  # a few turns: some jobs are stopped now
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    deadline = time.monotonic() + 10
+    while jobs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert jobs() == []
 
 
 def test_loop_sections_times_every_part_of_both_loops(tmp_path):
