@@ -34,6 +34,7 @@ from determined_defs import CONTEXT_DEF
 from test_failures import STALL_IN_LOSSES, STALL_TIMEOUT, assert_job_gone, rank_pids
 from test_launchers import assert_no_rank_traceback, assert_ok, reports
 from test_long_runs import RESUME_CONFIG, RESUME_MODEL, final_weights, start_and_wait_for_training
+from test_stops import SLOW_FULL_DATASET
 from test_training_options import BATCH_API_MODEL, DATA
 
 from harness.output import checkpoint
@@ -289,33 +290,21 @@ def test_sigkill_of_torchrun_stops_its_ranks_with_a_checkpoint(tmp_path):
     assert "stopped by the exit of its launcher (torchrun" in stdout or "stopped by a stop request" in stdout
 
 
-FULL_DATASET_HEARTBEATS = """
-import time
-import torch
-from torch import nn
-import harness
-
-
-class Trial(harness.PyTorchTrial):
-    def build_model(self, hparams):
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-    def optimizer(self, model):
-        return torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def train_batch(self, batch, model, epoch_idx, batch_idx):
-        return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    def evaluate_full_dataset(self, data_loader, model):
-        time.sleep(4.5)  # run_on_chief's heartbeat (every 2 s) allreduces twice meanwhile
-        return {"records": float(sum(len(y) for _, y in data_loader))}
-"""
+# test_stops.py's trial, whose evaluate_full_dataset sleeps 120 s for a SIGTERM, evaluating for 4.5 s instead
+FULL_DATASET_HEARTBEATS = SLOW_FULL_DATASET.replace(
+    """        open(os.environ["MARKER"], "a").close()
+        time.sleep(120)
+        return {"x": 1.0}""",
+    """        time.sleep(4.5)  # run_on_chief's heartbeat (every 2 s) allreduces twice meanwhile
+        return {"records": float(sum(len(y) for _, y in data_loader))}""",
+)
 
 
 def test_a_long_evaluate_full_dataset_under_torchrun_keeps_the_ranks_waiting(tmp_path):
     """Rank 0 evaluates alone for 4.5 s while a thread of its own allreduces heartbeats with rank 1's main
     thread (run_on_chief, on the harness's Gloo group): both validations end, rank 0 having seen every one
     of the 100 validation records, and no rank waits for a collective that never comes."""
+    assert "time.sleep(4.5)" in FULL_DATASET_HEARTBEATS
     config = GOOD_CONFIG.replace("batch: 20", "global_batch_size: 20")
     config += "min_validation_period: {batches: 3}\n"
     model_dir = write_model_def(tmp_path / "model", model_def=FULL_DATASET_HEARTBEATS, config=config)
